@@ -1,0 +1,104 @@
+//! Metrics recording: how every manager reports what it does.
+//!
+//! Implemented by `qvl-metrics` (the collector); called by every manager on
+//! its hot paths, so implementations must be cheap (atomics, per-thread
+//! shards) and must never block.
+
+use crate::{TensorKind, Tier};
+use std::time::Duration;
+
+/// One observation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MetricEvent {
+    /// A buffer was allocated.
+    Alloc {
+        /// Tier of the buffer.
+        tier: Tier,
+        /// Role of the tensor.
+        kind: TensorKind,
+        /// Bytes.
+        bytes: u64,
+        /// Time the allocation took.
+        latency: Duration,
+    },
+    /// A buffer was returned.
+    Free {
+        /// Tier of the buffer.
+        tier: Tier,
+        /// Bytes.
+        bytes: u64,
+    },
+    /// Memory held per tier, sampled.
+    Memory {
+        /// The tier.
+        tier: Tier,
+        /// Bytes handed out.
+        allocated: u64,
+        /// Bytes held from the system.
+        reserved: u64,
+    },
+    /// A cache lookup.
+    CacheLookup {
+        /// The level that answered, or was asked last on a miss.
+        tier: Tier,
+        /// Whether it hit.
+        hit: bool,
+    },
+    /// A tensor was encoded.
+    Compress {
+        /// Role of the tensor.
+        kind: TensorKind,
+        /// Bytes in.
+        input_bytes: u64,
+        /// Bytes out.
+        output_bytes: u64,
+        /// Relative Frobenius error.
+        rel_error: f64,
+    },
+    /// A block was written to or read from swap.
+    Swap {
+        /// True for a write (swap out), false for a read (swap in).
+        out: bool,
+        /// Bytes moved.
+        bytes: u64,
+        /// Time the I/O took.
+        latency: Duration,
+    },
+    /// An object moved between tiers.
+    Migration {
+        /// Where it was.
+        from: Tier,
+        /// Where it is now.
+        to: Tier,
+        /// Bytes moved.
+        bytes: u64,
+    },
+    /// The collector ran.
+    GcRun {
+        /// Bytes released.
+        freed: u64,
+        /// Time it took.
+        pause: Duration,
+    },
+    /// Tokens were produced.
+    Tokens {
+        /// How many.
+        count: u64,
+        /// Time they took.
+        elapsed: Duration,
+    },
+}
+
+/// Receives observations.
+pub trait MetricsRecorder: Send + Sync {
+    /// Records one event. Must not block.
+    fn record(&self, event: &MetricEvent);
+}
+
+/// Discards everything: the recorder of a manager used without metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopRecorder;
+
+impl MetricsRecorder for NoopRecorder {
+    fn record(&self, _event: &MetricEvent) {}
+}

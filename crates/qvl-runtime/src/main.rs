@@ -1,0 +1,2 @@
+//! The `qvl` binary.
+fn main() {}

@@ -1,0 +1,9 @@
+//! # qvl-tier
+//!
+//! Placement and migration of tensors across GPU, RAM and NVMe by access frequency.
+//!
+//! This crate depends on `qvl-core` and external crates only, so it can be
+//! used on its own. Its implementation is tracked in issue 9; until it
+//! lands, the runtime takes the plain path for this phase.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
