@@ -1,1 +1,108 @@
-fn main() {}
+//! `qvl-bench`: the per-phase benchmarks behind `cargo xtask bench <phase>`.
+//!
+//! Each phase module measures its optimization against the plain path in the
+//! same run and returns a [`BenchReport`]; this binary writes it to
+//! `<out>/<phase>.json` and prints it as a table.
+#![deny(missing_docs)]
+
+use anyhow::{bail, Context, Result};
+use qvl_core::bench::BenchReport;
+use std::path::PathBuf;
+
+/// Options every phase benchmark gets.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Small sizes and few repetitions, for CI.
+    pub quick: bool,
+    /// Where reports go (target/qvl-bench by default).
+    pub out_dir: PathBuf,
+    /// The repository root (for data files such as traces).
+    pub repo_root: PathBuf,
+}
+
+type PhaseFn = fn(&BenchOptions) -> Result<BenchReport>;
+
+/// Every phase: name, what it measures, its function (None until its issue lands).
+const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
+    ("model", "prefill and decode tokens/s against the memory-bandwidth bound", None),
+    ("pool", "allocation time and reserved memory against the system allocator", None),
+    ("cache", "hit ratio on the Mooncake trace against LRU and Belady", None),
+    ("compress", "KV compression ratio, error and codec GB/s", None),
+    ("swap", "long-context decode throughput with KV swapped to SSD", None),
+    ("tier", "tokens/s with weights streamed under RAM budgets", None),
+    ("gc", "peak reserved memory against the offline optimum", None),
+];
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut phase = None;
+    let mut quick = false;
+    let repo_root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .context("benches/ has no parent directory")?;
+    let mut out_dir = repo_root.join("target/qvl-bench");
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--out" => out_dir = PathBuf::from(args.next().context("--out needs a directory")?),
+            "-h" | "--help" => {
+                print_help();
+                return Ok(());
+            }
+            _ if phase.is_none() && !arg.starts_with('-') => phase = Some(arg),
+            _ => bail!("unexpected argument {arg:?}; see --help"),
+        }
+    }
+    let Some(phase) = phase else {
+        print_help();
+        bail!("name a phase, or `all`");
+    };
+    let opts = BenchOptions {
+        quick,
+        out_dir,
+        repo_root,
+    };
+    let selected: Vec<_> = if phase == "all" {
+        PHASES.iter().collect()
+    } else {
+        match PHASES.iter().find(|(name, _, _)| *name == phase) {
+            Some(p) => vec![p],
+            None => bail!(
+                "unknown phase {phase:?}; phases: {}, all",
+                PHASES.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    };
+    let mut failed = Vec::new();
+    for (name, _, run) in selected {
+        let Some(run) = run else {
+            if phase == "all" {
+                eprintln!("bench {name}: not implemented yet, skipped");
+                continue;
+            }
+            bail!("the {name} benchmark is not implemented yet");
+        };
+        let report = run(&opts).with_context(|| format!("bench {name} failed"))?;
+        let path = report
+            .write_json(&opts.out_dir)
+            .with_context(|| format!("writing the {name} report under {}", opts.out_dir.display()))?;
+        print!("{}", report.table());
+        println!("report: {}\n", path.display());
+        if !report.all_pass() {
+            failed.push(*name);
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!("criteria not met in: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn print_help() {
+    println!("qvl-bench <phase>|all [--quick] [--out DIR]\n\nPhases:");
+    for (name, what, run) in PHASES {
+        let state = if run.is_some() { "" } else { " (not implemented yet)" };
+        println!("  {name:<9} {what}{state}");
+    }
+}
