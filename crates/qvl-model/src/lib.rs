@@ -4,3 +4,8 @@
 //! directories, and llama-family models from GGUF files.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod fetch;
+pub mod gguf;
+pub mod preprocess;
+pub mod tokenizer;
