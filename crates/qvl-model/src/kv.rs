@@ -1,0 +1,545 @@
+//! The paged KV cache.
+//!
+//! A sequence's keys and values live in fixed-size blocks of
+//! `block_tokens` tokens (16 by default) that hold every layer. Where the
+//! blocks live and in which format is the business of a [`KvBlockStorage`]:
+//! [`HostKvStorage`] keeps f32 blocks in RAM; other storages (compressed,
+//! on a GPU, swapped to SSD) implement the same trait and hand blocks back
+//! as f32 when attention reads them. Attention walks a sequence's blocks in
+//! order with an online softmax, so no block needs to sit next to another.
+//!
+//! Full blocks get a [`BlockKey`] chained over the token ids (prefix
+//! caching keys) and can leave as a [`qvl_core::Block`] for any
+//! [`qvl_core::BlockStore`].
+
+use crate::error::{ModelError, Result};
+use crate::linear::dot;
+use qvl_core::{Block, BlockKey, DType, TensorKind, TensorMeta};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Tokens per block unless configured otherwise.
+pub const DEFAULT_BLOCK_TOKENS: usize = 16;
+
+/// The shape of every block of a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_tokens: usize,
+}
+
+impl KvLayout {
+    /// f32 values of one token's keys (or values) in one layer.
+    pub fn token_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// f32 values of one layer's keys and values in a block.
+    pub fn layer_floats(&self) -> usize {
+        2 * self.block_tokens * self.token_width()
+    }
+
+    /// f32 values of a whole block (all layers, keys and values).
+    pub fn block_floats(&self) -> usize {
+        self.layers * self.layer_floats()
+    }
+}
+
+/// Identifies a block inside one storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvBlockId(pub u64);
+
+/// One layer of one block as attention reads it: keys then values, each
+/// `block_tokens x kv_heads x head_dim` f32 (token-major).
+pub struct KvLayerView<'a> {
+    /// Keys.
+    pub keys: Cow<'a, [f32]>,
+    /// Values.
+    pub values: Cow<'a, [f32]>,
+}
+
+/// Where blocks live and in which format.
+pub trait KvBlockStorage: Send + Sync {
+    /// The shape of this storage's blocks.
+    fn layout(&self) -> KvLayout;
+
+    /// A new zeroed block.
+    fn allocate(&mut self) -> Result<KvBlockId>;
+
+    /// Gives a block back.
+    fn release(&mut self, id: KvBlockId) -> Result<()>;
+
+    /// Writes the keys and values of `keys.len() / token_width` consecutive
+    /// tokens of `layer`, starting at `slot` inside block `id`.
+    fn write(
+        &mut self,
+        id: KvBlockId,
+        layer: usize,
+        slot: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<()>;
+
+    /// One layer of block `id`.
+    fn read(&self, id: KvBlockId, layer: usize) -> Result<KvLayerView<'_>>;
+
+    /// Bytes the storage holds now.
+    fn used_bytes(&self) -> usize;
+}
+
+/// f32 blocks in host RAM, reused through a free list.
+pub struct HostKvStorage {
+    layout: KvLayout,
+    blocks: Vec<Option<Vec<f32>>>,
+    free: Vec<usize>,
+}
+
+impl HostKvStorage {
+    /// An empty storage for blocks of `layout`.
+    pub fn new(layout: KvLayout) -> HostKvStorage {
+        HostKvStorage {
+            layout,
+            blocks: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn block(&self, id: KvBlockId) -> Result<&Vec<f32>> {
+        self.blocks
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| ModelError::KvCache(format!("no block {} in host storage", id.0)))
+    }
+}
+
+impl KvBlockStorage for HostKvStorage {
+    fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn allocate(&mut self) -> Result<KvBlockId> {
+        let data = vec![0f32; self.layout.block_floats()];
+        if let Some(i) = self.free.pop() {
+            self.blocks[i] = Some(data);
+            return Ok(KvBlockId(i as u64));
+        }
+        self.blocks.push(Some(data));
+        Ok(KvBlockId(self.blocks.len() as u64 - 1))
+    }
+
+    fn release(&mut self, id: KvBlockId) -> Result<()> {
+        let slot = self
+            .blocks
+            .get_mut(id.0 as usize)
+            .filter(|b| b.is_some())
+            .ok_or_else(|| ModelError::KvCache(format!("release of unknown block {}", id.0)))?;
+        *slot = None;
+        self.free.push(id.0 as usize);
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        id: KvBlockId,
+        layer: usize,
+        slot: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<()> {
+        let l = self.layout;
+        let w = l.token_width();
+        let tokens = keys.len() / w;
+        if keys.len() != values.len()
+            || keys.len() % w != 0
+            || slot + tokens > l.block_tokens
+            || layer >= l.layers
+        {
+            return Err(ModelError::KvCache(format!(
+                "write of {} keys at layer {layer} slot {slot} does not fit a block of {} tokens x {w}",
+                keys.len(),
+                l.block_tokens
+            )));
+        }
+        let data = self
+            .blocks
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| ModelError::KvCache(format!("write to unknown block {}", id.0)))?;
+        let base = layer * l.layer_floats();
+        let kstart = base + slot * w;
+        let vstart = base + l.block_tokens * w + slot * w;
+        data[kstart..kstart + keys.len()].copy_from_slice(keys);
+        data[vstart..vstart + values.len()].copy_from_slice(values);
+        Ok(())
+    }
+
+    fn read(&self, id: KvBlockId, layer: usize) -> Result<KvLayerView<'_>> {
+        let l = self.layout;
+        if layer >= l.layers {
+            return Err(ModelError::KvCache(format!(
+                "layer {layer} out of {}",
+                l.layers
+            )));
+        }
+        let data = self.block(id)?;
+        let base = layer * l.layer_floats();
+        let half = l.block_tokens * l.token_width();
+        Ok(KvLayerView {
+            keys: Cow::Borrowed(&data[base..base + half]),
+            values: Cow::Borrowed(&data[base + half..base + 2 * half]),
+        })
+    }
+
+    fn used_bytes(&self) -> usize {
+        self.blocks.iter().flatten().count() * self.layout.block_floats() * 4
+    }
+}
+
+/// The KV cache of one sequence: its block table over a storage.
+pub struct PagedKvCache {
+    storage: Box<dyn KvBlockStorage>,
+    table: Vec<KvBlockId>,
+    len: usize,
+    pending: usize,
+    tokens: Vec<u32>,
+}
+
+impl PagedKvCache {
+    /// A cache over blocks in RAM.
+    pub fn in_memory(layout: KvLayout) -> PagedKvCache {
+        PagedKvCache::new(Box::new(HostKvStorage::new(layout)))
+    }
+
+    /// A cache over any storage.
+    pub fn new(storage: Box<dyn KvBlockStorage>) -> PagedKvCache {
+        PagedKvCache {
+            storage,
+            table: Vec::new(),
+            len: 0,
+            pending: 0,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// The block shape.
+    pub fn layout(&self) -> KvLayout {
+        self.storage.layout()
+    }
+
+    /// Tokens cached (committed).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The block table.
+    pub fn blocks(&self) -> &[KvBlockId] {
+        &self.table
+    }
+
+    /// Bytes held by the storage.
+    pub fn used_bytes(&self) -> usize {
+        self.storage.used_bytes()
+    }
+
+    /// Makes room for `n` more tokens (allocating blocks as needed); they
+    /// are pending until [`Self::commit`].
+    pub fn reserve(&mut self, n: usize) -> Result<()> {
+        self.pending = n;
+        let bt = self.layout().block_tokens;
+        let need = (self.len + n).div_ceil(bt);
+        while self.table.len() < need {
+            let id = self.storage.allocate()?;
+            self.table.push(id);
+        }
+        Ok(())
+    }
+
+    /// Writes keys and values (`n x kv_heads x head_dim` each) of `layer`
+    /// for the `n` tokens after the committed ones. Call [`Self::reserve`]
+    /// first and [`Self::commit`] after every layer is written.
+    pub fn write_layer(&mut self, layer: usize, keys: &[f32], values: &[f32]) -> Result<()> {
+        let l = self.layout();
+        let w = l.token_width();
+        let n = keys.len() / w;
+        let mut done = 0;
+        while done < n {
+            if n > self.pending {
+                return Err(ModelError::KvCache(format!(
+                    "write of {n} tokens, {} reserved",
+                    self.pending
+                )));
+            }
+            let pos = self.len + done;
+            let (b, slot) = (pos / l.block_tokens, pos % l.block_tokens);
+            let id = *self.table.get(b).ok_or_else(|| {
+                ModelError::KvCache(format!("token {pos} has no block; reserve before writing"))
+            })?;
+            let take = (l.block_tokens - slot).min(n - done);
+            self.storage.write(
+                id,
+                layer,
+                slot,
+                &keys[done * w..(done + take) * w],
+                &values[done * w..(done + take) * w],
+            )?;
+            done += take;
+        }
+        Ok(())
+    }
+
+    /// Marks the pending tokens as cached, with their ids (for block keys).
+    pub fn commit(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.len() != self.pending {
+            return Err(ModelError::KvCache(format!(
+                "commit of {} tokens, {} were reserved",
+                tokens.len(),
+                self.pending
+            )));
+        }
+        self.len += tokens.len();
+        self.pending = 0;
+        self.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    /// Causal attention of `queries` (`n x heads x head_dim`, the last `n`
+    /// written tokens, committed or pending, in order) over the cache of
+    /// `layer`: query `i` sees tokens `0..=total - n + i`. Walks the blocks
+    /// with an online softmax.
+    pub fn attend(
+        &self,
+        layer: usize,
+        queries: &[f32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let l = self.layout();
+        let hd = l.head_dim;
+        let n = queries.len() / (heads * hd);
+        let total = self.len + self.pending;
+        if n > total || heads % l.kv_heads != 0 {
+            return Err(ModelError::KvCache(format!(
+                "{n} queries with {heads} heads do not fit a cache of {total} tokens and {} kv heads",
+                l.kv_heads
+            )));
+        }
+        let group = heads / l.kv_heads;
+        let first = total - n;
+        let views: Vec<KvLayerView<'_>> = self
+            .table
+            .iter()
+            .map(|id| self.storage.read(*id, layer))
+            .collect::<Result<_>>()?;
+        let w = l.token_width();
+        let mut out = vec![0f32; n * heads * hd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(qh, o)| {
+            let (i, h) = (qh / heads, qh % heads);
+            let q = &queries[qh * hd..(qh + 1) * hd];
+            let kvh = h / group;
+            let visible = first + i + 1;
+            let mut max = f32::NEG_INFINITY;
+            let mut sum = 0f32;
+            let mut scores = [0f32; 64];
+            for (b, view) in views.iter().enumerate() {
+                let start = b * l.block_tokens;
+                if start >= visible {
+                    break;
+                }
+                let count = (visible - start).min(l.block_tokens);
+                let mut s_done = 0;
+                // Scores in chunks so the buffer stays on the stack whatever the block size.
+                while s_done < count {
+                    let c = (count - s_done).min(scores.len());
+                    let mut cmax = f32::NEG_INFINITY;
+                    for t in 0..c {
+                        let slot = s_done + t;
+                        let k = &view.keys[slot * w + kvh * hd..slot * w + (kvh + 1) * hd];
+                        scores[t] = dot(q, k) * scale;
+                        cmax = cmax.max(scores[t]);
+                    }
+                    let new_max = max.max(cmax);
+                    let corr = (max - new_max).exp();
+                    sum *= corr;
+                    o.iter_mut().for_each(|v| *v *= corr);
+                    for t in 0..c {
+                        let slot = s_done + t;
+                        let p = (scores[t] - new_max).exp();
+                        sum += p;
+                        let v = &view.values[slot * w + kvh * hd..slot * w + (kvh + 1) * hd];
+                        for (ov, vv) in o.iter_mut().zip(v) {
+                            *ov += p * vv;
+                        }
+                    }
+                    max = new_max;
+                    s_done += c;
+                }
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok(out)
+    }
+
+    /// Keys of the full blocks, each chained over its parent and token ids.
+    pub fn block_keys(&self) -> Vec<BlockKey> {
+        let bt = self.layout().block_tokens;
+        let mut keys = Vec::new();
+        let mut parent = None;
+        for chunk in self.tokens.chunks_exact(bt) {
+            let key = BlockKey::chained(parent, chunk, &[]);
+            keys.push(key);
+            parent = Some(key);
+        }
+        keys
+    }
+
+    /// Full block `index` as a raw f32 [`Block`] of shape
+    /// `layers x 2 x block_tokens x kv_heads x head_dim`, keyed by its
+    /// chained key, for any [`qvl_core::BlockStore`].
+    pub fn export_block(&self, index: usize) -> Result<Block> {
+        let l = self.layout();
+        let keys = self.block_keys();
+        let key = *keys.get(index).ok_or_else(|| {
+            ModelError::KvCache(format!(
+                "block {index} is not full ({} full blocks)",
+                keys.len()
+            ))
+        })?;
+        let mut data = Vec::with_capacity(l.block_floats() * 4);
+        for layer in 0..l.layers {
+            let view = self.storage.read(self.table[index], layer)?;
+            for v in view.keys.iter().chain(view.values.iter()) {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let meta = TensorMeta::new(
+            vec![l.layers, 2, l.block_tokens, l.kv_heads, l.head_dim],
+            DType::F32,
+            TensorKind::KvCache,
+        );
+        Ok(Block::raw(key, meta, data))
+    }
+
+    /// Gives every block back to the storage.
+    pub fn clear(&mut self) -> Result<()> {
+        for id in self.table.drain(..) {
+            self.storage.release(id)?;
+        }
+        self.len = 0;
+        self.pending = 0;
+        self.tokens.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(bt: usize) -> KvLayout {
+        KvLayout {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            block_tokens: bt,
+        }
+    }
+
+    /// Plain softmax attention over contiguous keys, for comparison.
+    fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
+        let mut s: Vec<f32> = keys.iter().map(|k| dot(q, k) * scale).collect();
+        crate::ops::softmax(&mut s);
+        let mut o = vec![0f32; q.len()];
+        for (p, v) in s.iter().zip(values) {
+            for (oo, vv) in o.iter_mut().zip(v) {
+                *oo += p * vv;
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn paged_attention_matches_contiguous_for_any_block_size() {
+        let n = 37;
+        let w = 8;
+        let keys: Vec<f32> = (0..n * w)
+            .map(|i| ((i * 13) % 7) as f32 * 0.3 - 1.0)
+            .collect();
+        let values: Vec<f32> = (0..n * w).map(|i| ((i * 5) % 11) as f32 * 0.2).collect();
+        let heads = 4;
+        let queries: Vec<f32> = (0..n * heads * 4)
+            .map(|i| ((i * 3) % 5) as f32 * 0.25)
+            .collect();
+        let mut results = Vec::new();
+        for bt in [1, 3, 16, 64] {
+            let mut cache = PagedKvCache::in_memory(layout(bt));
+            // Two appends: 30 tokens, then 7.
+            for (a, b) in [(0, 30), (30, n)] {
+                cache.reserve(b - a).unwrap();
+                for layer in 0..2 {
+                    cache
+                        .write_layer(layer, &keys[a * w..b * w], &values[a * w..b * w])
+                        .unwrap();
+                }
+                cache.commit(&vec![1; b - a]).unwrap();
+            }
+            let out = cache.attend(1, &queries, heads, 0.5).unwrap();
+            // Check the last and a middle query against a plain softmax.
+            for i in [10, n - 1] {
+                for h in 0..heads {
+                    let kvh = h / 2;
+                    let ks: Vec<Vec<f32>> = (0..=i)
+                        .map(|t| keys[t * w + kvh * 4..t * w + kvh * 4 + 4].to_vec())
+                        .collect();
+                    let vs: Vec<Vec<f32>> = (0..=i)
+                        .map(|t| values[t * w + kvh * 4..t * w + kvh * 4 + 4].to_vec())
+                        .collect();
+                    let q = &queries[(i * heads + h) * 4..(i * heads + h) * 4 + 4];
+                    let want = reference(q, &ks, &vs, 0.5);
+                    let got = &out[(i * heads + h) * 4..(i * heads + h) * 4 + 4];
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!((a - b).abs() < 1e-5, "bt {bt} i {i} h {h}: {a} vs {b}");
+                    }
+                }
+            }
+            results.push(out);
+        }
+        assert_eq!(results[0].len(), results[3].len());
+    }
+
+    #[test]
+    fn blocks_export_with_chained_keys_and_release() {
+        let mut cache = PagedKvCache::in_memory(layout(4));
+        cache.reserve(9).unwrap();
+        let kv = vec![0.5f32; 9 * 8];
+        for layer in 0..2 {
+            cache.write_layer(layer, &kv, &kv).unwrap();
+        }
+        cache.commit(&[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+        assert_eq!(cache.blocks().len(), 3);
+        let keys = cache.block_keys();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(
+            keys[1],
+            BlockKey::chained(Some(keys[0]), &[5, 6, 7, 8], &[])
+        );
+        let block = cache.export_block(1).unwrap();
+        assert_eq!(block.meta.byte_len(), block.data.len());
+        assert!(cache.export_block(2).is_err());
+        cache.clear().unwrap();
+        assert_eq!(cache.used_bytes(), 0);
+        // Writing past the reservation is an error, not a panic.
+        assert!(cache.write_layer(0, &kv[..8], &kv[..8]).is_err());
+    }
+}

@@ -1,0 +1,339 @@
+//! Linear layers over weights kept in their stored dtype.
+//!
+//! `y = x W^T (+ b)`: the weight rows are converted to f32 one tile at a
+//! time (a few rows, so the tile stays in cache) inside the worker that
+//! uses them, and tiles are spread over the rayon pool. Decode (one row of
+//! `x`) then streams every weight byte once, which is what bounds it.
+
+use crate::error::{ModelError, Result};
+use crate::tensor::{convert_bf16, convert_f16, convert_f32, StoredTensor};
+use qvl_core::DType;
+use rayon::prelude::*;
+
+/// Weight rows converted per tile.
+const TILE_ROWS: usize = 16;
+
+/// A linear layer: `out_features x in_features` weights in their stored
+/// dtype and an optional f32 bias.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: StoredTensor,
+    bias: Option<Vec<f32>>,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl Linear {
+    /// A layer over `weight`, read as `out_features x in_features` whatever
+    /// its stored rank (a Conv3d kernel is one), with an optional bias.
+    pub fn new(
+        weight: StoredTensor,
+        bias: Option<&StoredTensor>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Linear> {
+        if weight.elements() != out_features * in_features {
+            return Err(ModelError::InvalidInput(format!(
+                "weight {:?} of shape {:?} is not {out_features} x {in_features}",
+                weight.name, weight.shape
+            )));
+        }
+        if !weight.is_float() {
+            return Err(ModelError::InvalidInput(format!(
+                "weight {:?} is {}, expected f32, f16 or bf16",
+                weight.name, weight.dtype
+            )));
+        }
+        let bias = match bias {
+            Some(b) => {
+                if b.elements() != out_features {
+                    return Err(ModelError::InvalidInput(format!(
+                        "bias {:?} of shape {:?} does not have {out_features} elements",
+                        b.name, b.shape
+                    )));
+                }
+                Some(b.to_f32_vec()?)
+            }
+            None => None,
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Bytes of the stored weight (what one decode step reads).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.bytes.len()
+    }
+
+    /// The stored weight.
+    pub fn weight(&self) -> &StoredTensor {
+        &self.weight
+    }
+
+    /// `x` holds `rows` rows of `in_features`; returns `rows x out_features`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), rows * self.in_features);
+        let (n, k) = (self.out_features, self.in_features);
+        let bytes = self.weight.bytes.as_slice();
+        let dtype = self.weight.dtype;
+        let elem = dtype.bytes_for(1);
+        // Transposed result: each tile owns a contiguous `tile x rows` range,
+        // so the workers write disjoint slices with no unsafe code.
+        let mut out_t = vec![0f32; n * rows];
+        out_t
+            .par_chunks_mut(TILE_ROWS * rows)
+            .enumerate()
+            .for_each_init(Vec::new, |tile, (t, out_chunk)| {
+                let row0 = t * TILE_ROWS;
+                let nrows = out_chunk.len() / rows;
+                let src = &bytes[row0 * k * elem..(row0 + nrows) * k * elem];
+                tile.resize(nrows * k, 0.0);
+                run_tile(dtype, src, tile, x, rows, k, out_chunk);
+            });
+        let mut out = if rows == 1 {
+            out_t
+        } else {
+            let mut out = vec![0f32; n * rows];
+            for (j, col) in out_t.chunks_exact(rows).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    out[i * n + j] = *v;
+                }
+            }
+            out
+        };
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(n) {
+                for (o, b) in row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Converts one tile of weight rows and multiplies it with every row of `x`,
+/// using AVX2 where the CPU has it.
+fn run_tile(
+    dtype: DType,
+    src: &[u8],
+    tile: &mut [f32],
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above),
+            // which is all `tile_avx2` requires.
+            unsafe { tile_avx2(dtype, src, tile, x, rows, k, out) };
+            return;
+        }
+    }
+    tile_body(dtype, src, tile, x, rows, k, out);
+}
+
+/// [`tile_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(
+    dtype: DType,
+    src: &[u8],
+    tile: &mut [f32],
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    tile_body(dtype, src, tile, x, rows, k, out);
+}
+
+#[inline(always)]
+fn tile_body(
+    dtype: DType,
+    src: &[u8],
+    tile: &mut [f32],
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    match dtype {
+        DType::Bf16 => convert_bf16(src, tile),
+        DType::F16 => convert_f16(src, tile),
+        // Linear::new accepts float weights only; f32 is the remaining case.
+        _ => convert_f32(src, tile),
+    }
+    let nrows = tile.len() / k;
+    let mut j = 0;
+    while j + 4 <= nrows {
+        let w0 = &tile[j * k..(j + 1) * k];
+        let w1 = &tile[(j + 1) * k..(j + 2) * k];
+        let w2 = &tile[(j + 2) * k..(j + 3) * k];
+        let w3 = &tile[(j + 3) * k..(j + 4) * k];
+        for i in 0..rows {
+            let d = dot4(&x[i * k..(i + 1) * k], w0, w1, w2, w3);
+            out[j * rows + i] = d[0];
+            out[(j + 1) * rows + i] = d[1];
+            out[(j + 2) * rows + i] = d[2];
+            out[(j + 3) * rows + i] = d[3];
+        }
+        j += 4;
+    }
+    while j < nrows {
+        let w = &tile[j * k..(j + 1) * k];
+        for i in 0..rows {
+            out[j * rows + i] = dot(&x[i * k..(i + 1) * k], w);
+        }
+        j += 1;
+    }
+}
+
+/// Lanes of the accumulators: one AVX register of f32.
+const LANES: usize = 8;
+
+/// Dot product with 8 independent accumulators (vectorizes).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let chunks = n / LANES;
+    for c in 0..chunks {
+        let (ac, bc) = (
+            &a[c * LANES..(c + 1) * LANES],
+            &b[c * LANES..(c + 1) * LANES],
+        );
+        for l in 0..LANES {
+            acc[l] += ac[l] * bc[l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * LANES..n {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// Four dot products of `x` with `w0..w3`, loading each chunk of `x` once.
+#[inline(always)]
+fn dot4(x: &[f32], w0: &[f32], w1: &[f32], w2: &[f32], w3: &[f32]) -> [f32; 4] {
+    let n = x.len();
+    let (w0, w1, w2, w3) = (&w0[..n], &w1[..n], &w2[..n], &w3[..n]);
+    let mut a0 = [0f32; LANES];
+    let mut a1 = [0f32; LANES];
+    let mut a2 = [0f32; LANES];
+    let mut a3 = [0f32; LANES];
+    let chunks = n / LANES;
+    for c in 0..chunks {
+        let r = c * LANES..(c + 1) * LANES;
+        let xc = &x[r.clone()];
+        let (c0, c1, c2, c3) = (&w0[r.clone()], &w1[r.clone()], &w2[r.clone()], &w3[r]);
+        for l in 0..LANES {
+            a0[l] += xc[l] * c0[l];
+            a1[l] += xc[l] * c1[l];
+            a2[l] += xc[l] * c2[l];
+            a3[l] += xc[l] * c3[l];
+        }
+    }
+    let mut out = [
+        a0.iter().sum::<f32>(),
+        a1.iter().sum::<f32>(),
+        a2.iter().sum::<f32>(),
+        a3.iter().sum::<f32>(),
+    ];
+    for i in chunks * LANES..n {
+        out[0] += x[i] * w0[i];
+        out[1] += x[i] * w1[i];
+        out[2] += x[i] * w2[i];
+        out[3] += x[i] * w3[i];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], b: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * n];
+        for i in 0..rows {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += f64::from(x[i * k + p]) * f64::from(w[j * k + p]);
+                }
+                out[i * n + j] = s as f32 + b[j];
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_naive_for_odd_sizes_and_dtypes() {
+        let (rows, n, k) = (5, 37, 29);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
+        let bias = StoredTensor::from_f32("b", vec![n], &b).unwrap();
+        let lin = Linear::new(
+            StoredTensor::from_f32("w", vec![n, k], &w).unwrap(),
+            Some(&bias),
+            n,
+            k,
+        )
+        .unwrap();
+        let want = naive(&x, &w, &b, rows, n, k);
+        for (a, e) in lin.forward(&x, rows).iter().zip(&want) {
+            assert!((a - e).abs() < 1e-4, "{a} vs {e}");
+        }
+        // bf16 weights: compare against the same rounded weights.
+        let bits: Vec<u16> = w
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let wr: Vec<f32> = bits
+            .iter()
+            .map(|b| half::bf16::from_bits(*b).to_f32())
+            .collect();
+        let lin = Linear::new(
+            StoredTensor::from_bf16_bits("w", vec![n, k], &bits).unwrap(),
+            Some(&bias),
+            n,
+            k,
+        )
+        .unwrap();
+        let want = naive(&x, &wr, &b, rows, n, k);
+        for (a, e) in lin.forward(&x, rows).iter().zip(&want) {
+            assert!((a - e).abs() < 1e-4, "{a} vs {e}");
+        }
+        // Decode shape: one row.
+        let one = lin.forward(&x[..k], 1);
+        for (a, e) in one.iter().zip(&want[..n]) {
+            assert!((a - e).abs() < 1e-4);
+        }
+    }
+}

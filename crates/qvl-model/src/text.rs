@@ -1,0 +1,417 @@
+//! The text decoder: embeddings, pre-norm layers of GQA attention (optional
+//! per-head q/k RMSNorm, plain or multimodal RoPE) and SwiGLU MLP, a final
+//! RMSNorm and the lm head (tied or separate).
+//!
+//! Weights come from any [`WeightSource`] under names given by
+//! [`DecoderTensorNames`], so other formats (GGUF) and other families
+//! (llama, qwen3) reuse this code with their own names and config.
+
+use crate::checkpoint::{require, WeightSource};
+use crate::config::{DecoderConfig, RopeKind};
+use crate::error::{ModelError, Result};
+use crate::kv::{KvLayout, PagedKvCache, DEFAULT_BLOCK_TOKENS};
+use crate::linear::Linear;
+use crate::ops::{rms_norm, rotate_half_apply};
+use crate::tensor::StoredTensor;
+use rayon::prelude::*;
+
+/// Tensor names of a decoder. Per-layer names contain `{layer}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderTensorNames {
+    /// Token embedding (`vocab x hidden`).
+    pub embed_tokens: String,
+    /// Final RMSNorm.
+    pub final_norm: String,
+    /// Separate lm head (`vocab x hidden`), used unless tied.
+    pub lm_head: String,
+    /// Query projection.
+    pub q_proj: String,
+    /// Key projection.
+    pub k_proj: String,
+    /// Value projection.
+    pub v_proj: String,
+    /// Output projection.
+    pub o_proj: String,
+    /// Per-head query RMSNorm (when the config has `qk_norm`).
+    pub q_norm: String,
+    /// Per-head key RMSNorm.
+    pub k_norm: String,
+    /// MLP gate.
+    pub gate_proj: String,
+    /// MLP up.
+    pub up_proj: String,
+    /// MLP down.
+    pub down_proj: String,
+    /// RMSNorm before attention.
+    pub input_norm: String,
+    /// RMSNorm before the MLP.
+    pub post_attention_norm: String,
+}
+
+impl DecoderTensorNames {
+    /// Hugging Face names under `prefix` (`model.language_model` for
+    /// Qwen3-VL, `model` for causal LMs) with the lm head at `lm_head`.
+    pub fn hugging_face(prefix: &str, lm_head: &str) -> DecoderTensorNames {
+        let l = |s: &str| format!("{prefix}.layers.{{layer}}.{s}");
+        DecoderTensorNames {
+            embed_tokens: format!("{prefix}.embed_tokens.weight"),
+            final_norm: format!("{prefix}.norm.weight"),
+            lm_head: lm_head.to_string(),
+            q_proj: l("self_attn.q_proj.weight"),
+            k_proj: l("self_attn.k_proj.weight"),
+            v_proj: l("self_attn.v_proj.weight"),
+            o_proj: l("self_attn.o_proj.weight"),
+            q_norm: l("self_attn.q_norm.weight"),
+            k_norm: l("self_attn.k_norm.weight"),
+            gate_proj: l("mlp.gate_proj.weight"),
+            up_proj: l("mlp.up_proj.weight"),
+            down_proj: l("mlp.down_proj.weight"),
+            input_norm: l("input_layernorm.weight"),
+            post_attention_norm: l("post_attention_layernorm.weight"),
+        }
+    }
+
+    /// The names of `Qwen3VLForConditionalGeneration`'s text model.
+    pub fn qwen3_vl() -> DecoderTensorNames {
+        DecoderTensorNames::hugging_face("model.language_model", "lm_head.weight")
+    }
+
+    /// A per-layer name for layer `layer`.
+    pub fn layer(template: &str, layer: usize) -> String {
+        template.replace("{layer}", &layer.to_string())
+    }
+}
+
+/// The bias beside a `.weight` tensor.
+fn bias_name(weight: &str) -> String {
+    match weight.strip_suffix(".weight") {
+        Some(base) => format!("{base}.bias"),
+        None => format!("{weight}.bias"),
+    }
+}
+
+/// Loads a linear layer `out x in` (with its bias when `bias`).
+pub(crate) fn load_linear(
+    src: &dyn WeightSource,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<Linear> {
+    let w = require(src, name, &[out, inp])?;
+    let b = if bias {
+        Some(require(src, &bias_name(name), &[out])?)
+    } else {
+        None
+    };
+    Linear::new(w, b.as_ref(), out, inp)
+}
+
+/// Loads a vector of `len` as f32.
+pub(crate) fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    require(src, name, &[len])?.to_f32_vec()
+}
+
+struct DecoderLayer {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+}
+
+/// Visual features added to the hidden states after the first layers
+/// (DeepStack): `layers[i]` is added after layer `i` to the rows `rows`.
+pub struct DeepstackFeatures<'a> {
+    /// Rows of the chunk that hold visual tokens, in order.
+    pub rows: &'a [usize],
+    /// Per layer, `rows.len() x hidden` features.
+    pub layers: &'a [Vec<f32>],
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per input token.
+    All,
+    /// Only the last token's row.
+    Last,
+}
+
+/// A loaded decoder.
+pub struct TextDecoder {
+    config: DecoderConfig,
+    embed_tokens: StoredTensor,
+    layers: Vec<DecoderLayer>,
+    final_norm: Vec<f32>,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+}
+
+impl TextDecoder {
+    /// Loads the decoder of `config` from `src` under `names`.
+    pub fn load(
+        config: DecoderConfig,
+        src: &dyn WeightSource,
+        names: &DecoderTensorNames,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let embed_tokens = require(src, &names.embed_tokens, &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let n = |t: &str| DecoderTensorNames::layer(t, i);
+            let bias = c.attention_bias;
+            layers.push(DecoderLayer {
+                q_proj: load_linear(src, &n(&names.q_proj), c.num_heads * hd, h, bias)?,
+                k_proj: load_linear(src, &n(&names.k_proj), c.num_kv_heads * hd, h, bias)?,
+                v_proj: load_linear(src, &n(&names.v_proj), c.num_kv_heads * hd, h, bias)?,
+                o_proj: load_linear(src, &n(&names.o_proj), h, c.num_heads * hd, bias)?,
+                q_norm: if c.qk_norm {
+                    Some(load_vector(src, &n(&names.q_norm), hd)?)
+                } else {
+                    None
+                },
+                k_norm: if c.qk_norm {
+                    Some(load_vector(src, &n(&names.k_norm), hd)?)
+                } else {
+                    None
+                },
+                gate_proj: load_linear(src, &n(&names.gate_proj), c.intermediate_size, h, false)?,
+                up_proj: load_linear(src, &n(&names.up_proj), c.intermediate_size, h, false)?,
+                down_proj: load_linear(src, &n(&names.down_proj), h, c.intermediate_size, false)?,
+                input_norm: load_vector(src, &n(&names.input_norm), h)?,
+                post_attention_norm: load_vector(src, &n(&names.post_attention_norm), h)?,
+            });
+        }
+        let final_norm = load_vector(src, &names.final_norm, h)?;
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None, c.vocab_size, h)?
+        } else {
+            load_linear(src, &names.lm_head, c.vocab_size, h, false)?
+        };
+        // As the reference: inv_freq = 1 / theta^(2i/d), in f32.
+        let theta = c.rope.theta as f32;
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        Ok(TextDecoder {
+            config,
+            embed_tokens,
+            layers,
+            final_norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    /// The KV block shape this decoder needs, with `block_tokens` per block.
+    pub fn kv_layout(&self, block_tokens: usize) -> KvLayout {
+        KvLayout {
+            layers: self.config.num_layers,
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            block_tokens,
+        }
+    }
+
+    /// A new empty in-memory KV cache with the default block size.
+    pub fn new_cache(&self) -> PagedKvCache {
+        PagedKvCache::in_memory(self.kv_layout(DEFAULT_BLOCK_TOKENS))
+    }
+
+    /// Bytes of weights one decode step reads: every layer and the lm head
+    /// (the embedding row read is negligible).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+                .iter()
+                .map(|p| p.weight_bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
+    /// Embedding rows of `ids` (`ids.len() x hidden`).
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let mut out = vec![0f32; ids.len() * h];
+        for (row, &id) in out.chunks_exact_mut(h).zip(ids) {
+            if id as usize >= self.config.vocab_size {
+                return Err(ModelError::InvalidInput(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+            self.embed_tokens.read_f32_into(id as usize * h, row)?;
+        }
+        Ok(out)
+    }
+
+    /// cos and sin (`n x head_dim/2` each) of the positions.
+    fn rope_tables(&self, positions: &[[i64; 3]]) -> (Vec<f32>, Vec<f32>) {
+        let half = self.config.head_dim / 2;
+        let mut cos = vec![0f32; positions.len() * half];
+        let mut sin = vec![0f32; positions.len() * half];
+        for (p, pos) in positions.iter().enumerate() {
+            for j in 0..half {
+                let axis = match &self.config.rope.kind {
+                    RopeKind::Plain => 0,
+                    RopeKind::MRope {
+                        section,
+                        interleaved: true,
+                    } => {
+                        if j % 3 == 1 && j < section[1] * 3 {
+                            1
+                        } else if j % 3 == 2 && j < section[2] * 3 {
+                            2
+                        } else {
+                            0
+                        }
+                    }
+                    RopeKind::MRope {
+                        section,
+                        interleaved: false,
+                    } => {
+                        if j < section[0] {
+                            0
+                        } else if j < section[0] + section[1] {
+                            1
+                        } else {
+                            2
+                        }
+                    }
+                };
+                let angle = pos[axis] as f32 * self.inv_freq[j];
+                cos[p * half + j] = angle.cos();
+                sin[p * half + j] = angle.sin();
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Runs `hidden` (`n x hidden` input embeddings of the tokens `tokens`
+    /// at `positions`) through the decoder, appending their keys and values
+    /// to `cache`, and returns the logits (`n x vocab` or `1 x vocab`).
+    pub fn forward(
+        &self,
+        cache: &mut PagedKvCache,
+        mut hidden: Vec<f32>,
+        tokens: &[u32],
+        positions: &[[i64; 3]],
+        deepstack: Option<&DeepstackFeatures<'_>>,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let n = positions.len();
+        if n == 0 || hidden.len() != n * h || tokens.len() != n {
+            return Err(ModelError::InvalidInput(format!(
+                "forward of {} hidden values, {} tokens and {n} positions (hidden size {h})",
+                hidden.len(),
+                tokens.len()
+            )));
+        }
+        if cache.layout() != self.kv_layout(cache.layout().block_tokens) {
+            return Err(ModelError::KvCache(format!(
+                "cache layout {:?} does not fit this decoder",
+                cache.layout()
+            )));
+        }
+        if let Some(ds) = deepstack {
+            if ds.layers.len() > self.layers.len()
+                || ds.layers.iter().any(|l| l.len() != ds.rows.len() * h)
+                || ds.rows.iter().any(|&r| r >= n)
+            {
+                return Err(ModelError::InvalidInput(
+                    "deepstack features do not match the chunk's visual rows".to_string(),
+                ));
+            }
+        }
+        let (cos, sin) = self.rope_tables(positions);
+        let half = hd / 2;
+        let scale = 1.0 / (hd as f32).sqrt();
+        cache.reserve(n)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut x = hidden.clone();
+            rms_norm(&mut x, &layer.input_norm, c.rms_norm_eps);
+            let mut q = layer.q_proj.forward(&x, n);
+            let mut k = layer.k_proj.forward(&x, n);
+            let v = layer.v_proj.forward(&x, n);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                rms_norm(&mut q, qn, c.rms_norm_eps);
+                rms_norm(&mut k, kn, c.rms_norm_eps);
+            }
+            let rotate = |m: &mut Vec<f32>, heads: usize| {
+                m.par_chunks_mut(heads * hd)
+                    .enumerate()
+                    .for_each(|(p, row)| {
+                        let (cs, sn) = (
+                            &cos[p * half..(p + 1) * half],
+                            &sin[p * half..(p + 1) * half],
+                        );
+                        for head in row.chunks_exact_mut(hd) {
+                            rotate_half_apply(head, cs, sn);
+                        }
+                    });
+            };
+            rotate(&mut q, c.num_heads);
+            rotate(&mut k, c.num_kv_heads);
+            cache.write_layer(li, &k, &v)?;
+            let attn = cache.attend(li, &q, c.num_heads, scale)?;
+            let o = layer.o_proj.forward(&attn, n);
+            hidden.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            let mut x = hidden.clone();
+            rms_norm(&mut x, &layer.post_attention_norm, c.rms_norm_eps);
+            let mut gate = layer.gate_proj.forward(&x, n);
+            let up = layer.up_proj.forward(&x, n);
+            c.hidden_act.apply(&mut gate);
+            gate.iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
+            let down = layer.down_proj.forward(&gate, n);
+            hidden.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+
+            if let Some(ds) = deepstack {
+                if let Some(feats) = ds.layers.get(li) {
+                    for (r, &row) in ds.rows.iter().enumerate() {
+                        let dst = &mut hidden[row * h..(row + 1) * h];
+                        dst.iter_mut()
+                            .zip(&feats[r * h..(r + 1) * h])
+                            .for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+        }
+        cache.commit(tokens)?;
+        let mut last = match logits {
+            Logits::All => hidden,
+            Logits::Last => hidden[(n - 1) * h..].to_vec(),
+        };
+        let rows = last.len() / h;
+        rms_norm(&mut last, &self.final_norm, c.rms_norm_eps);
+        Ok(self.lm_head.forward(&last, rows))
+    }
+}
