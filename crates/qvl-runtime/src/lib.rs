@@ -1,5 +1,13 @@
 //! # qvl-runtime
 //!
-//! Configuration and the phased pipeline that wires the qvl managers.
+//! The configuration (figment: defaults < TOML file < `QVL_<SECTION>__<KEY>`
+//! environment variables) and the phased pipeline that wires the qvl memory
+//! managers around the model. The `qvl` binary is built from this crate.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+mod error;
+
+pub use config::{Config, ConfigSources, LoadedConfig};
+pub use error::{Result, RuntimeError};

@@ -1,0 +1,2 @@
+//! One module per subcommand group; each returns the process exit code.
+pub mod config;
