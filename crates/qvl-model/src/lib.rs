@@ -21,6 +21,7 @@ pub mod linear;
 pub mod ops;
 pub mod preprocess;
 pub mod qwen3vl;
+pub mod random;
 pub mod tensor;
 pub mod text;
 pub mod tokenizer;
