@@ -42,3 +42,7 @@ pub use policy::{BlockInfo, EvictionPolicy};
 pub use size::{ByteSize, ParseSizeError};
 pub use store::{Block, BlockStore};
 pub use types::{DType, TensorKind, TensorMeta, Tier};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -336,15 +336,19 @@ impl std::str::FromStr for HumanDuration {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());
         let (number, unit) = (&t[..split], t[split..].trim());
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected a number with a unit, such as \"100ms\""))?;
+        let value: f64 = number.parse().map_err(|_| {
+            format!("invalid duration {s:?}: expected a number with a unit, such as \"100ms\"")
+        })?;
         let seconds = match unit {
             "ms" => value / 1e3,
             "s" => value,
             "m" | "min" => value * 60.0,
             "" => return Err(format!("duration {s:?} needs a unit: ms, s or m")),
-            other => return Err(format!("unknown duration unit {other:?} in {s:?}: use ms, s or m")),
+            other => {
+                return Err(format!(
+                    "unknown duration unit {other:?} in {s:?}: use ms, s or m"
+                ))
+            }
         };
         Ok(HumanDuration(Duration::from_secs_f64(seconds)))
     }
@@ -417,7 +421,11 @@ fn flatten(v: &serde_json::Value, prefix: String, out: &mut Vec<(String, String)
     match v {
         serde_json::Value::Object(map) => {
             for (k, child) in map {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(child, key, out);
             }
         }
@@ -429,7 +437,14 @@ fn toml_literal(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => "(unset)".to_string(),
         serde_json::Value::Array(items) => {
-            format!("[{}]", items.iter().map(toml_literal).collect::<Vec<_>>().join(", "))
+            format!(
+                "[{}]",
+                items
+                    .iter()
+                    .map(toml_literal)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
         other => other.to_string(),
     }
@@ -584,13 +599,40 @@ fn validate(c: &Config, figment: &Figment) -> Result<()> {
             key: key.to_string(),
             value: value.to_string(),
             origin: origin(figment, key),
-            allowed: format!("{}{lo:?} to {hi:?}", if lo_open { "more than " } else { "" }),
+            allowed: format!(
+                "{}{lo:?} to {hi:?}",
+                if lo_open { "more than " } else { "" }
+            ),
         })
     };
-    range("swapping.memory_threshold", c.swapping.memory_threshold, 0.0, 1.0, false)?;
-    range("tiering.migration_threshold", c.tiering.migration_threshold, 0.0, 1.0, false)?;
-    range("compression.svd_rank_ratio", c.compression.svd_rank_ratio, 0.0, 1.0, true)?;
-    range("compression.error_budget", c.compression.error_budget, 0.0, 1.0, false)?;
+    range(
+        "swapping.memory_threshold",
+        c.swapping.memory_threshold,
+        0.0,
+        1.0,
+        false,
+    )?;
+    range(
+        "tiering.migration_threshold",
+        c.tiering.migration_threshold,
+        0.0,
+        1.0,
+        false,
+    )?;
+    range(
+        "compression.svd_rank_ratio",
+        c.compression.svd_rank_ratio,
+        0.0,
+        1.0,
+        true,
+    )?;
+    range(
+        "compression.error_budget",
+        c.compression.error_budget,
+        0.0,
+        1.0,
+        false,
+    )?;
     if !matches!(c.compression.quantization_bits, 4 | 8) {
         let key = "compression.quantization_bits";
         return Err(RuntimeError::OutOfRange {
@@ -667,9 +709,13 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     };
     match std::fs::symlink_metadata(dir) {
         Ok(meta) if meta.file_type().is_symlink() => {
-            return Err(unsafe_dir("is a symlink; qvl will not follow it for private data".into()))
+            return Err(unsafe_dir(
+                "is a symlink; qvl will not follow it for private data".into(),
+            ))
         }
-        Ok(meta) if !meta.is_dir() => return Err(unsafe_dir("exists and is not a directory".into())),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(unsafe_dir("exists and is not a directory".into()))
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut builder = std::fs::DirBuilder::new();
@@ -743,7 +789,10 @@ mod tests {
         let loaded = r.unwrap();
         assert_eq!(loaded.config.caching.gpu_cache_size, ByteSize::mib(512));
         assert_eq!(loaded.config.caching.cpu_cache_size, ByteSize::gib(2));
-        assert_eq!(loaded.source_of("caching.gpu_cache_size"), path.display().to_string());
+        assert_eq!(
+            loaded.source_of("caching.gpu_cache_size"),
+            path.display().to_string()
+        );
         assert_eq!(loaded.source_of("caching.cpu_cache_size"), "default");
         let entries = loaded.entries();
         assert!(entries
@@ -807,13 +856,19 @@ mod tests {
     #[test]
     fn missing_file_is_named() {
         let err = check_file(Path::new("/nonexistent/qvl.toml")).unwrap_err();
-        assert_eq!(err.to_string(), "config file /nonexistent/qvl.toml not found");
+        assert_eq!(
+            err.to_string(),
+            "config file /nonexistent/qvl.toml not found"
+        );
     }
 
     #[test]
     fn syntax_error_names_the_file() {
         let (msg, path) = err_of("[caching\n");
-        assert!(msg.starts_with(&format!("cannot read config file {}:", path.display())), "{msg}");
+        assert!(
+            msg.starts_with(&format!("cannot read config file {}:", path.display())),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -835,14 +890,26 @@ mod tests {
         // Defaults stay beside the new entry.
         assert!(c.memory_pooling.specialized_pools.contains_key("kv_cache"));
         let (msg, _) = err_of("[memory_pooling.specialized_pools.x]\nkind = \"weight\"\nshape = [0]\ndtype = \"f16\"\n");
-        assert!(msg.contains("memory_pooling.specialized_pools.x.shape"), "{msg}");
+        assert!(
+            msg.contains("memory_pooling.specialized_pools.x.shape"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn durations_need_units() {
-        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
-        assert_eq!("1.5s".parse::<HumanDuration>().unwrap().0, Duration::from_millis(1500));
-        assert!("100".parse::<HumanDuration>().unwrap_err().contains("needs a unit"));
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            "1.5s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(1500)
+        );
+        assert!("100"
+            .parse::<HumanDuration>()
+            .unwrap_err()
+            .contains("needs a unit"));
         let (msg, _) = err_of("[garbage_collection]\ncollection_interval = \"5h\"\n");
         assert!(msg.contains("unknown duration unit \"h\""), "{msg}");
     }

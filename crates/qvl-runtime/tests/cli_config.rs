@@ -23,7 +23,11 @@ fn show_names_the_source_of_each_value() {
         .env("QVL_SWAPPING__MEMORY_THRESHOLD", "0.9")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let line = |key: &str| {
         text.lines()
@@ -34,7 +38,9 @@ fn show_names_the_source_of_each_value() {
     assert!(line("gpu_cache_size").contains("\"256MiB\""));
     assert!(line("gpu_cache_size").ends_with(&format!("# {}", file.display())));
     assert!(line("memory_threshold").contains("0.9"));
-    assert!(line("memory_threshold").ends_with("# environment variable QVL_SWAPPING__MEMORY_THRESHOLD"));
+    assert!(
+        line("memory_threshold").ends_with("# environment variable QVL_SWAPPING__MEMORY_THRESHOLD")
+    );
     assert!(line("cpu_cache_size").ends_with("# default"));
 }
 
@@ -42,8 +48,16 @@ fn show_names_the_source_of_each_value() {
 fn check_accepts_shipped_profiles_and_rejects_bad_files() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     for profile in ["configs/default.toml", "configs/laptop-sm61.toml"] {
-        let out = qvl().args(["config", "check"]).arg(root.join(profile)).output().unwrap();
-        assert!(out.status.success(), "{profile}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = qvl()
+            .args(["config", "check"])
+            .arg(root.join(profile))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{profile}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");

@@ -30,7 +30,10 @@ pub fn show(file: Option<PathBuf>) -> Result<ExitCode> {
         if key == "swapping.swap_directory" && value == "(unset)" {
             shown = format!("(unset: {})", config::default_swap_directory().display());
         }
-        let relative = key.strip_prefix(section).unwrap_or(key).trim_start_matches('.');
+        let relative = key
+            .strip_prefix(section)
+            .unwrap_or(key)
+            .trim_start_matches('.');
         let line = format!("{relative} = {shown}");
         println!("{line:<width$}  # {source}");
     }
