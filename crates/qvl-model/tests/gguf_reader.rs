@@ -2,6 +2,8 @@
 //! every type, tensors of every dequantizable type (checked against values
 //! computed from the block fields), alignment, and hostile files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 use half::{bf16, f16};
 use qvl_model::gguf::{
     dequantize, hf_row_of_gguf_row, unpermute_qk_rows, GgmlType, GgufError, GgufFile, GgufHeader,
@@ -202,14 +204,18 @@ fn q4_k_block(seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
 fn q6_k_block(seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
     let d = f16::from_f32(0.003);
     let l: Vec<u8> = (0..256).map(|_| (lcg(seed) % 64) as u8).collect();
-    let sc: Vec<i8> = (0..16).map(|_| (lcg(seed) % 200) as i32 - 100).map(|v| v as i8).collect();
+    let sc: Vec<i8> = (0..16)
+        .map(|_| (lcg(seed) % 200) as i32 - 100)
+        .map(|v| v as i8)
+        .collect();
     let (mut ql, mut qh) = (vec![0u8; 128], vec![0u8; 64]);
     for (h, j) in (0..256).step_by(128).enumerate() {
         for i in 0..32 {
             let q = |k: usize| l[j + i + 32 * k];
             ql[h * 64 + i] = (q(0) & 0xf) | ((q(2) & 0xf) << 4);
             ql[h * 64 + i + 32] = (q(1) & 0xf) | ((q(3) & 0xf) << 4);
-            qh[h * 32 + i] = (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
+            qh[h * 32 + i] =
+                (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
         }
     }
     let mut bytes = ql;
@@ -222,12 +228,19 @@ fn q6_k_block(seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
     (bytes, vals)
 }
 
+/// Name, type and expected values of one tensor of the sample file.
+type Expected = (&'static str, GgmlType, Vec<f32>);
+
 /// A file with every metadata type and one tensor of each dequantizable type.
-fn sample_file(alignment: u64) -> (Vec<u8>, Vec<(&'static str, GgmlType, Vec<f32>)>) {
+fn sample_file(alignment: u64) -> (Vec<u8>, Vec<Expected>) {
     let mut seed = 7u64;
     let f32_vals: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
-    let f16_vals: Vec<f32> = (0..8).map(|i| f16::from_f32(i as f32 / 3.0).to_f32()).collect();
-    let bf16_vals: Vec<f32> = (0..8).map(|i| bf16::from_f32(-(i as f32) / 7.0).to_f32()).collect();
+    let f16_vals: Vec<f32> = (0..8)
+        .map(|i| f16::from_f32(i as f32 / 3.0).to_f32())
+        .collect();
+    let bf16_vals: Vec<f32> = (0..8)
+        .map(|i| bf16::from_f32(-(i as f32) / 7.0).to_f32())
+        .collect();
     let (q8, q8v) = q8_0_blocks(4, &mut seed);
     let (q40, q40v) = q4_blocks(2, false, &mut seed);
     let (q41, q41v) = q4_blocks(3, true, &mut seed);
@@ -244,19 +257,50 @@ fn sample_file(alignment: u64) -> (Vec<u8>, Vec<(&'static str, GgmlType, Vec<f32
             name: "f16",
             dims: vec![8],
             type_id: 1,
-            data: f16_vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            data: f16_vals
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
         },
         Tensor {
             name: "bf16",
             dims: vec![4, 2],
             type_id: 30,
-            data: bf16_vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            data: bf16_vals
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect(),
         },
-        Tensor { name: "q8_0", dims: vec![64, 2], type_id: 8, data: q8 },
-        Tensor { name: "q4_0", dims: vec![64], type_id: 2, data: q40 },
-        Tensor { name: "q4_1", dims: vec![32, 3], type_id: 3, data: q41 },
-        Tensor { name: "q4_k", dims: vec![256], type_id: 12, data: q4k },
-        Tensor { name: "q6_k", dims: vec![256], type_id: 14, data: q6k },
+        Tensor {
+            name: "q8_0",
+            dims: vec![64, 2],
+            type_id: 8,
+            data: q8,
+        },
+        Tensor {
+            name: "q4_0",
+            dims: vec![64],
+            type_id: 2,
+            data: q40,
+        },
+        Tensor {
+            name: "q4_1",
+            dims: vec![32, 3],
+            type_id: 3,
+            data: q41,
+        },
+        Tensor {
+            name: "q4_k",
+            dims: vec![256],
+            type_id: 12,
+            data: q4k,
+        },
+        Tensor {
+            name: "q6_k",
+            dims: vec![256],
+            type_id: 14,
+            data: q6k,
+        },
     ];
     let mut kv = vec![
         ("general.architecture", V::Str("llama")),
@@ -272,7 +316,13 @@ fn sample_file(alignment: u64) -> (Vec<u8>, Vec<(&'static str, GgmlType, Vec<f32
         ("t.i64", V::I64(-(1 << 40))),
         ("t.f64", V::F64(0.25)),
         ("t.strs", V::Arr(8, vec![V::Str("a"), V::Str("ünï")])),
-        ("t.nested", V::Arr(9, vec![V::Arr(4, vec![V::U32(1), V::U32(2)]), V::Arr(4, vec![])])),
+        (
+            "t.nested",
+            V::Arr(
+                9,
+                vec![V::Arr(4, vec![V::U32(1), V::U32(2)]), V::Arr(4, vec![])],
+            ),
+        ),
     ];
     if alignment != 32 {
         kv.push(("general.alignment", V::U32(alignment as u32)));
@@ -293,7 +343,10 @@ fn sample_file(alignment: u64) -> (Vec<u8>, Vec<(&'static str, GgmlType, Vec<f32
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{what}[{i}]: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+            "{what}[{i}]: got {g}, want {w}"
+        );
     }
 }
 
@@ -317,14 +370,28 @@ fn reads_metadata_of_every_type() {
     assert_eq!(h.get_u64("t.u64").unwrap(), 1 << 40);
     assert_eq!(h.get("t.i64").unwrap().as_i64(), Some(-(1 << 40)));
     assert_eq!(h.get_f64("t.f64").unwrap(), 0.25);
-    let strs: Vec<&str> = h.get_array("t.strs").unwrap().iter().filter_map(|v| v.as_str()).collect();
+    let strs: Vec<&str> = h
+        .get_array("t.strs")
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
     assert_eq!(strs, ["a", "ünï"]);
     let nested = h.get_array("t.nested").unwrap();
     assert_eq!(nested[0].as_array().unwrap().len(), 2);
     assert!(nested[1].as_array().unwrap().is_empty());
-    assert!(matches!(h.get_str("t.u8"), Err(GgufError::WrongType { .. })));
-    assert!(matches!(h.get_u64("nope"), Err(GgufError::MissingKey { .. })));
-    assert!(matches!(h.get_u64("t.i8"), Err(GgufError::WrongType { .. })));
+    assert!(matches!(
+        h.get_str("t.u8"),
+        Err(GgufError::WrongType { .. })
+    ));
+    assert!(matches!(
+        h.get_u64("nope"),
+        Err(GgufError::MissingKey { .. })
+    ));
+    assert!(matches!(
+        h.get_u64("t.i8"),
+        Err(GgufError::WrongType { .. })
+    ));
 }
 
 #[test]
@@ -378,7 +445,10 @@ fn bad_magic_and_version_are_named() {
     assert!(matches!(err, GgufError::BadMagic { .. }), "{err}");
     bytes[4] = 4;
     let err = GgufHeader::parse(&bytes).unwrap_err();
-    assert!(matches!(err, GgufError::UnsupportedVersion { version: 4 }), "{err}");
+    assert!(
+        matches!(err, GgufError::UnsupportedVersion { version: 4 }),
+        "{err}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let err = GgufFile::open(dir.path().join("missing.gguf")).unwrap_err();
     assert!(err.to_string().contains("missing.gguf"), "{err}");
@@ -390,7 +460,11 @@ fn every_truncation_is_an_error_not_a_panic() {
     let h = GgufHeader::parse(&bytes).unwrap();
     for len in 0..bytes.len() {
         let r = GgufHeader::parse(&bytes[..len]);
-        assert!(r.is_err(), "prefix of {len} bytes parsed (data starts at {})", h.data_start);
+        assert!(
+            r.is_err(),
+            "prefix of {len} bytes parsed (data starts at {})",
+            h.data_start
+        );
     }
     // Cut inside the data section: the last tensor ends past the end.
     let err = GgufHeader::parse(&bytes[..bytes.len() - 1]).unwrap_err();
@@ -432,7 +506,10 @@ fn hostile_counts_and_lengths_are_bounded() {
     put_str(&mut b, "k");
     b.extend_from_slice(&99u32.to_le_bytes());
     let err = GgufHeader::parse(&b).unwrap_err();
-    assert!(matches!(err, GgufError::UnknownValueType { type_id: 99, .. }), "{err}");
+    assert!(
+        matches!(err, GgufError::UnknownValueType { type_id: 99, .. }),
+        "{err}"
+    );
     let mut b = header(0, 1);
     b.extend_from_slice(&2u64.to_le_bytes());
     b.extend_from_slice(&[0xff, 0xfe]);
@@ -455,29 +532,58 @@ fn hostile_counts_and_lengths_are_bounded() {
 }
 
 fn one_tensor(dims: Vec<u64>, type_id: u32, data: Vec<u8>, kv: Vec<(&str, V)>) -> Vec<u8> {
-    write_gguf(&kv, &[Tensor { name: "w", dims, type_id, data }], 32)
+    write_gguf(
+        &kv,
+        &[Tensor {
+            name: "w",
+            dims,
+            type_id,
+            data,
+        }],
+        32,
+    )
 }
 
 #[test]
 fn bad_tensor_descriptions_are_named() {
     let err = GgufHeader::parse(&one_tensor(vec![4], 16, vec![0; 16], vec![])).unwrap_err();
-    assert!(matches!(err, GgufError::UnknownTensorType { type_id: 16, .. }), "{err}");
+    assert!(
+        matches!(err, GgufError::UnknownTensorType { type_id: 16, .. }),
+        "{err}"
+    );
     let err = GgufHeader::parse(&one_tensor(vec![4], 77, vec![0; 16], vec![])).unwrap_err();
     assert!(err.to_string().contains("\"w\""), "{err}");
     let err = GgufHeader::parse(&one_tensor(vec![0, 4], 0, vec![], vec![])).unwrap_err();
     assert!(matches!(err, GgufError::BadShape { .. }), "{err}");
-    let err = GgufHeader::parse(&one_tensor(vec![1 << 40, 1 << 40], 0, vec![], vec![])).unwrap_err();
+    let err =
+        GgufHeader::parse(&one_tensor(vec![1 << 40, 1 << 40], 0, vec![], vec![])).unwrap_err();
     assert!(err.to_string().contains("overflows"), "{err}");
     let err = GgufHeader::parse(&one_tensor(vec![16], 8, vec![0; 34], vec![])).unwrap_err();
-    assert!(err.to_string().contains("multiple of the Q8_0 block"), "{err}");
-    let err = GgufHeader::parse(&one_tensor(vec![1, 1, 1, 1, 1], 0, vec![0; 4], vec![])).unwrap_err();
+    assert!(
+        err.to_string().contains("multiple of the Q8_0 block"),
+        "{err}"
+    );
+    let err =
+        GgufHeader::parse(&one_tensor(vec![1, 1, 1, 1, 1], 0, vec![0; 4], vec![])).unwrap_err();
     assert!(matches!(err, GgufError::BadShape { .. }), "{err}");
     // A claimed size larger than the data present.
     let err = GgufHeader::parse(&one_tensor(vec![1000], 0, vec![0; 16], vec![])).unwrap_err();
     assert!(matches!(err, GgufError::TensorOutOfBounds { .. }), "{err}");
-    let err = GgufHeader::parse(&one_tensor(vec![4], 0, vec![0; 16], vec![("general.alignment", V::U32(3))])).unwrap_err();
+    let err = GgufHeader::parse(&one_tensor(
+        vec![4],
+        0,
+        vec![0; 16],
+        vec![("general.alignment", V::U32(3))],
+    ))
+    .unwrap_err();
     assert!(matches!(err, GgufError::BadAlignment { .. }), "{err}");
-    let err = GgufHeader::parse(&one_tensor(vec![4], 0, vec![0; 16], vec![("general.alignment", V::Str("x"))])).unwrap_err();
+    let err = GgufHeader::parse(&one_tensor(
+        vec![4],
+        0,
+        vec![0; 16],
+        vec![("general.alignment", V::Str("x"))],
+    ))
+    .unwrap_err();
     assert!(matches!(err, GgufError::BadAlignment { .. }), "{err}");
 
     // Misaligned offset and duplicate names.
@@ -490,8 +596,18 @@ fn bad_tensor_descriptions_are_named() {
     let dup = write_gguf(
         &[],
         &[
-            Tensor { name: "w", dims: vec![4], type_id: 0, data: vec![0; 16] },
-            Tensor { name: "w", dims: vec![4], type_id: 0, data: vec![0; 16] },
+            Tensor {
+                name: "w",
+                dims: vec![4],
+                type_id: 0,
+                data: vec![0; 16],
+            },
+            Tensor {
+                name: "w",
+                dims: vec![4],
+                type_id: 0,
+                data: vec![0; 16],
+            },
         ],
         32,
     );
@@ -533,12 +649,30 @@ fn hyperparams_and_rope_unpermute() {
         ("llama.attention.head_count_kv", V::U32(1)),
         ("llama.rope.freq_base", V::F32(10000.0)),
         ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
-        ("tokenizer.ggml.tokens", V::Arr(8, vec![V::Str("a"), V::Str("b"), V::Str("c")])),
+        (
+            "tokenizer.ggml.tokens",
+            V::Arr(8, vec![V::Str("a"), V::Str("b"), V::Str("c")]),
+        ),
     ];
-    let b = write_gguf(&kv, &[Tensor { name: "token_embd.weight", dims: vec![8, 3], type_id: 0, data: vec![0; 96] }], 32);
+    let b = write_gguf(
+        &kv,
+        &[Tensor {
+            name: "token_embd.weight",
+            dims: vec![8, 3],
+            type_id: 0,
+            data: vec![0; 96],
+        }],
+        32,
+    );
     let hp = LlamaHyperparams::from_header(&GgufHeader::parse(&b).unwrap()).unwrap();
-    assert_eq!((hp.n_layers, hp.hidden_size, hp.intermediate_size), (2, 8, 16));
-    assert_eq!((hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.rope_dim), (2, 1, 4, 4));
+    assert_eq!(
+        (hp.n_layers, hp.hidden_size, hp.intermediate_size),
+        (2, 8, 16)
+    );
+    assert_eq!(
+        (hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.rope_dim),
+        (2, 1, 4, 4)
+    );
     assert_eq!((hp.vocab_size, hp.context_length), (3, 128));
     assert!((hp.rms_norm_eps - 1e-5).abs() < 1e-9 && hp.rope_theta == 10000.0);
     assert!(hp.tied_embeddings && hp.qk_rows_permuted);
@@ -553,14 +687,18 @@ fn hyperparams_and_rope_unpermute() {
             for i in 0..hd / 2 {
                 let src = h * hd + half * hd / 2 + i;
                 let dst = h * hd + i * 2 + half;
-                gguf[dst * cols..dst * cols + cols].copy_from_slice(&hf[src * cols..src * cols + cols]);
+                gguf[dst * cols..dst * cols + cols]
+                    .copy_from_slice(&hf[src * cols..src * cols + cols]);
                 assert_eq!(hf_row_of_gguf_row(dst, hd), src);
             }
         }
     }
     let bytes: Vec<u8> = gguf.iter().flat_map(|v| v.to_le_bytes()).collect();
     let back = unpermute_qk_rows(&bytes, cols * 4, heads, hd).unwrap();
-    let back: Vec<f32> = back.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let back: Vec<f32> = back
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(back, hf);
     assert!(unpermute_qk_rows(&bytes, cols * 4, heads, hd + 1).is_err());
     assert!(unpermute_qk_rows(&bytes, 0, heads, hd).is_err());

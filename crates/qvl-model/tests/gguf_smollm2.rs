@@ -2,6 +2,8 @@
 //! says so) when the model is not fetched; fetch it with
 //! `cargo test -p qvl-model --test gguf_fetch -- --ignored`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 use qvl_model::fetch::{find_cached, SMOLLM2};
 use qvl_model::gguf::{GgmlType, GgufFile, LlamaHyperparams};
 
@@ -20,8 +22,14 @@ fn reads_smollm2_hyperparameters_and_dequantizes_every_tensor() {
     assert_eq!(h.tensors.len(), 272);
     let hp = LlamaHyperparams::from_header(h).unwrap();
     assert_eq!(hp.architecture, "llama");
-    assert_eq!((hp.n_layers, hp.hidden_size, hp.intermediate_size), (30, 576, 1536));
-    assert_eq!((hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.rope_dim), (9, 3, 64, 64));
+    assert_eq!(
+        (hp.n_layers, hp.hidden_size, hp.intermediate_size),
+        (30, 576, 1536)
+    );
+    assert_eq!(
+        (hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.rope_dim),
+        (9, 3, 64, 64)
+    );
     assert_eq!((hp.vocab_size, hp.context_length), (49152, 8192));
     assert_eq!(hp.rope_theta, 100000.0);
     assert!((hp.rms_norm_eps - 1e-5).abs() < 1e-9);
@@ -31,14 +39,25 @@ fn reads_smollm2_hyperparameters_and_dequantizes_every_tensor() {
     assert_eq!((emb.ty, emb.shape()), (GgmlType::Q8_0, vec![49152, 576]));
     let q = file.tensor_info("blk.0.attn_q.weight").unwrap();
     assert_eq!((q.ty, q.shape()), (GgmlType::Q4_1, vec![576, 576]));
-    assert_eq!(file.tensor_info("blk.0.attn_k.weight").unwrap().shape(), vec![192, 576]);
+    assert_eq!(
+        file.tensor_info("blk.0.attn_k.weight").unwrap().shape(),
+        vec![192, 576]
+    );
 
     let mut total = 0usize;
     for t in &h.tensors {
         let v = file.dequantize_tensor(&t.name).unwrap();
-        assert!(v.iter().all(|x| x.is_finite()), "{} has non-finite values", t.name);
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{} has non-finite values",
+            t.name
+        );
         let rms = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
-        assert!(rms > 1e-4 && rms < 100.0, "{}: implausible rms {rms}", t.name);
+        assert!(
+            rms > 1e-4 && rms < 100.0,
+            "{}: implausible rms {rms}",
+            t.name
+        );
         total += v.len();
     }
     println!("dequantized {total} values in {} tensors", h.tensors.len());

@@ -6,6 +6,8 @@
 //! fetch it with `cargo test -p qvl-model --test gguf_fetch -- --ignored`
 //! (or `cargo xtask fetch-model smollm2`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 use std::path::{Path, PathBuf};
 
 use qvl_model::fetch::{find_cached, SMOLLM2};
@@ -30,7 +32,11 @@ fn golden() -> serde_json::Value {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn tokenizer(path: &Path) -> Tokenizer {
@@ -39,13 +45,18 @@ fn tokenizer(path: &Path) -> Tokenizer {
 
 #[test]
 fn golden_text_gives_the_reference_ids() {
-    let Some(path) = model_or_skip("golden_text_gives_the_reference_ids") else { return };
+    let Some(path) = model_or_skip("golden_text_gives_the_reference_ids") else {
+        return;
+    };
     let tok = tokenizer(&path);
     let g = golden();
     let text = g["text"].as_str().unwrap();
     let want = ids(&g["input_ids"]);
     // The same ids are in golden.safetensors (int64).
-    let st_bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/golden.safetensors")).unwrap();
+    let st_bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/golden.safetensors"),
+    )
+    .unwrap();
     let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
     let from_st: Vec<u32> = st
         .tensor("input_ids")
@@ -59,19 +70,32 @@ fn golden_text_gives_the_reference_ids() {
     let got = tok.encode(text, true);
     assert_eq!(got, want, "token ids differ from the reference");
     assert_eq!(tok.decode(&got), text);
-    assert_eq!(tok.decode(&ids(&g["greedy_continuation"])), g["greedy_text"].as_str().unwrap());
-    println!("golden text: {} tokens, all equal to the reference", got.len());
+    assert_eq!(
+        tok.decode(&ids(&g["greedy_continuation"])),
+        g["greedy_text"].as_str().unwrap()
+    );
+    println!(
+        "golden text: {} tokens, all equal to the reference",
+        got.len()
+    );
 }
 
 #[test]
 fn special_tokens_metadata_and_chat_template() {
-    let Some(path) = model_or_skip("special_tokens_metadata_and_chat_template") else { return };
+    let Some(path) = model_or_skip("special_tokens_metadata_and_chat_template") else {
+        return;
+    };
     let tok = tokenizer(&path);
     assert_eq!(tok.vocab_size(), 49152);
-    assert_eq!((tok.bos_id(), tok.eos_id(), tok.unk_id()), (Some(1), Some(2), Some(0)));
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.unk_id()),
+        (Some(1), Some(2), Some(0))
+    );
     assert!(!tok.adds_bos());
     assert_eq!(tok.pre_tokenizer(), PreTokenizer::Gpt2);
-    let prompt = tok.apply_chat_template(&[ChatMessage::user("What is 2+2?")], true).unwrap();
+    let prompt = tok
+        .apply_chat_template(&[ChatMessage::user("What is 2+2?")], true)
+        .unwrap();
     assert_eq!(
         prompt,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -87,7 +111,10 @@ fn special_tokens_metadata_and_chat_template() {
     assert_eq!(streamed, prompt);
     // Digits: one piece per number by default (as transformers loads this GGUF);
     // llama.cpp's `smollm` pre-tokenizer splits them one by one.
-    let split = tok.clone().with_pre_tokenizer(PreTokenizer::Gpt2DigitsSplit).unwrap();
+    let split = tok
+        .clone()
+        .with_pre_tokenizer(PreTokenizer::Gpt2DigitsSplit)
+        .unwrap();
     let n = "In 2024 it cost 1234567 dollars.";
     assert_eq!(split.decode(&split.encode(n, false)), n);
     assert!(split.encode(n, false).len() >= tok.encode(n, false).len());
