@@ -1,5 +1,7 @@
-//! Byte-level BPE tokenizer built from GGUF metadata (`tokenizer.ggml.*`),
-//! streaming decode, and the ChatML chat template of instruct models.
+//! Byte-level BPE tokenizer built from GGUF metadata (`tokenizer.ggml.*`) or
+//! from a Hugging Face `tokenizer.json` ([`Tokenizer::from_hf_dir`], no
+//! `tokenizers` crate needed), streaming decode, and the ChatML chat
+//! template of instruct models.
 //!
 //! Encoding follows what Hugging Face `transformers` builds from the same
 //! GGUF (the reference the goldens were made with): control and
@@ -30,6 +32,7 @@
 use std::collections::HashMap;
 
 use fancy_regex::Regex;
+use unicode_normalization::UnicodeNormalization;
 
 use crate::gguf::{GgufError, GgufHeader};
 
@@ -104,6 +107,8 @@ pub enum PreTokenizer {
     Llama3,
     /// Qwen2 / Qwen3 (`qwen2`).
     Qwen2,
+    /// Stages read from a `tokenizer.json` (see [`Tokenizer::from_tokenizer_json`]).
+    Custom,
 }
 
 const GPT2_PATTERN: &str =
@@ -121,11 +126,15 @@ impl PreTokenizer {
         }
     }
 
-    fn pattern(self) -> &'static str {
+    /// The regexes applied one after the other; each splits every piece
+    /// into its matches and the text between them.
+    fn stage_patterns(self) -> &'static [&'static str] {
         match self {
-            Self::Gpt2 | Self::Gpt2DigitsSplit => GPT2_PATTERN,
-            Self::Llama3 => LLAMA3_PATTERN,
-            Self::Qwen2 => QWEN2_PATTERN,
+            Self::Gpt2 => &[GPT2_PATTERN],
+            Self::Gpt2DigitsSplit => &[r"\p{N}", GPT2_PATTERN],
+            Self::Llama3 => &[LLAMA3_PATTERN],
+            Self::Qwen2 => &[QWEN2_PATTERN],
+            Self::Custom => &[],
         }
     }
 }
@@ -175,8 +184,15 @@ pub struct Tokenizer {
     /// Token id of each of the 256 byte-level characters.
     byte_token: [Option<u32>; 256],
     pre: PreTokenizer,
-    regex: Regex,
-    digits: Regex,
+    /// Pre-tokenizer stages (see [`PreTokenizer::stage_patterns`]).
+    stages: Vec<Regex>,
+    /// Unicode NFC before anything else (Qwen2's tokenizer.json asks for it).
+    nfc: bool,
+    /// Emit a piece that is already a token whole, without merging (Llama 3).
+    ignore_merges: bool,
+    /// Tokens the post-processor puts before / after the text (e.g. BOS).
+    prefix_ids: Vec<u32>,
+    suffix_ids: Vec<u32>,
     bos: Option<u32>,
     eos: Option<u32>,
     unk: Option<u32>,
@@ -185,21 +201,31 @@ pub struct Tokenizer {
     chat_template: Option<String>,
 }
 
-/// GPT-2's reversible map from bytes to printable characters.
-fn byte_to_char_table() -> [char; 256] {
+/// GPT-2's reversible map from bytes to printable characters: printable
+/// Latin-1 bytes map to themselves, the others to U+0100 onwards in order.
+const BYTE_TO_CHAR: [char; 256] = {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
-    for b in 0..=255u8 {
-        let printable = (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
-        table[b as usize] = if printable {
-            char::from(b)
+    let mut b = 0usize;
+    while b < 256 {
+        let printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || b >= 0xae;
+        table[b] = if printable {
+            b as u8 as char
         } else {
             n += 1;
-            // 256 + n stays below 0x180, always a valid char.
-            char::from_u32(255 + n).unwrap_or('\u{fffd}')
+            // 255 + n stays below 0x144, always a valid char.
+            match char::from_u32(255 + n) {
+                Some(c) => c,
+                None => '\u{fffd}',
+            }
         };
+        b += 1;
     }
     table
+};
+
+fn byte_to_char_table() -> [char; 256] {
+    BYTE_TO_CHAR
 }
 
 fn char_to_byte_map() -> HashMap<char, u8> {
@@ -212,6 +238,10 @@ fn char_to_byte_map() -> HashMap<char, u8> {
 
 fn compile(pattern: &str) -> Result<Regex> {
     Regex::new(pattern).map_err(|e| TokenizerError::BadVocab(format!("pre-tokenizer regex: {e}")))
+}
+
+fn compile_stages(patterns: &[&str]) -> Result<Vec<Regex>> {
+    patterns.iter().map(|p| compile(p)).collect()
 }
 
 impl Tokenizer {
@@ -306,8 +336,10 @@ impl Tokenizer {
         }
         let mut token_ids = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
-            // Duplicates keep the first id, as transformers does.
-            token_ids.entry(t.clone()).or_insert(i as u32);
+            // Duplicates keep the first id, as transformers does; empty slots are no token.
+            if !t.is_empty() {
+                token_ids.entry(t.clone()).or_insert(i as u32);
+            }
         }
         let char_to_byte = char_to_byte_map();
         let token_bytes = tokens
@@ -375,8 +407,11 @@ impl Tokenizer {
             specials,
             byte_token,
             pre,
-            regex: compile(pre.pattern())?,
-            digits: compile(r"\p{N}")?,
+            stages: compile_stages(pre.stage_patterns())?,
+            nfc: false,
+            ignore_merges: false,
+            prefix_ids: Vec::new(),
+            suffix_ids: Vec::new(),
             bos: None,
             eos: None,
             unk: None,
@@ -386,9 +421,174 @@ impl Tokenizer {
         })
     }
 
+    /// Builds a byte-level BPE tokenizer from the text of a Hugging Face
+    /// `tokenizer.json` (Qwen2/Qwen3, Llama 3, GPT-2, SmolLM2 styles).
+    ///
+    /// Supported: a `BPE` model with byte-level tokens, `NFC` or no
+    /// normalizer, pre-tokenizers made of `Split` (regex, isolated),
+    /// `Digits` and `ByteLevel`, and a `TemplateProcessing` or `ByteLevel`
+    /// post-processor. Anything else is refused with the part named.
+    pub fn from_tokenizer_json(text: &str) -> Result<Self> {
+        use serde_json::Value;
+        let bad = |m: String| TokenizerError::BadVocab(format!("tokenizer.json: {m}"));
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let model = &v["model"];
+        if model["type"].as_str() != Some("BPE") {
+            return Err(TokenizerError::UnsupportedModel(format!(
+                "tokenizer.json model {}",
+                model["type"]
+            )));
+        }
+        if model["continuing_subword_prefix"]
+            .as_str()
+            .is_some_and(|p| !p.is_empty())
+            || model["end_of_word_suffix"]
+                .as_str()
+                .is_some_and(|p| !p.is_empty())
+        {
+            return Err(bad(
+                "subword prefixes/suffixes are not byte-level BPE".into()
+            ));
+        }
+        // Vocabulary: model.vocab plus added tokens, indexed by id.
+        let vocab = model["vocab"]
+            .as_object()
+            .ok_or_else(|| bad("model.vocab is not a map".into()))?;
+        let added = v["added_tokens"].as_array().cloned().unwrap_or_default();
+        let id_of = |x: &Value, what: &str| -> Result<usize> {
+            x.as_u64()
+                .filter(|&i| i < (1 << 24))
+                .map(|i| i as usize)
+                .ok_or_else(|| bad(format!("{what} has no valid id")))
+        };
+        let mut max_id = 0usize;
+        for (tok, id) in vocab {
+            max_id = max_id.max(id_of(id, tok)?);
+        }
+        for a in &added {
+            max_id = max_id.max(id_of(&a["id"], "an added token")?);
+        }
+        let mut tokens = vec![String::new(); max_id + 1];
+        let mut types = vec![TokenType::Unused; max_id + 1];
+        for (tok, id) in vocab {
+            let id = id_of(id, tok)?;
+            tokens[id] = tok.clone();
+            types[id] = TokenType::Normal;
+        }
+        for a in &added {
+            let id = id_of(&a["id"], "an added token")?;
+            let content = a["content"]
+                .as_str()
+                .ok_or_else(|| bad(format!("added token {id} has no content")))?;
+            tokens[id] = content.to_string();
+            types[id] = if a["special"].as_bool().unwrap_or(false) {
+                TokenType::Control
+            } else {
+                TokenType::UserDefined
+            };
+        }
+        let merges: Vec<String> = match model["merges"].as_array() {
+            None => Vec::new(),
+            Some(list) => list
+                .iter()
+                .map(|m| match m {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Array(pair) => match (
+                        pair.first().and_then(Value::as_str),
+                        pair.get(1).and_then(Value::as_str),
+                    ) {
+                        (Some(a), Some(b)) if pair.len() == 2 => Ok(format!("{a} {b}")),
+                        _ => Err(bad(format!("merge {m} is not a pair of strings"))),
+                    },
+                    _ => Err(bad(format!("merge {m} is not a string or a pair"))),
+                })
+                .collect::<Result<_>>()?,
+        };
+        let nfc = match &v["normalizer"] {
+            Value::Null => false,
+            n if n["type"] == "NFC" => true,
+            n if n["type"] == "Sequence"
+                && n["normalizers"].as_array().is_some_and(|a| a.is_empty()) =>
+            {
+                false
+            }
+            n => return Err(bad(format!("unsupported normalizer {}", n["type"]))),
+        };
+        let patterns = pre_tokenizer_patterns(&v["pre_tokenizer"]).map_err(bad)?;
+        let mut tok = Self::new(tokens, types, &merges, PreTokenizer::Custom)?;
+        tok.stages = patterns.iter().map(|p| compile(p)).collect::<Result<_>>()?;
+        tok.nfc = nfc;
+        tok.ignore_merges = model["ignore_merges"].as_bool().unwrap_or(false);
+        tok.unk = model["unk_token"].as_str().and_then(|u| tok.token_id(u));
+        // TemplateProcessing: special tokens around the single sequence "A".
+        if let Some(single) = v["post_processor"]["single"].as_array() {
+            let mut seen_seq = false;
+            for piece in single {
+                if piece.get("Sequence").is_some() {
+                    seen_seq = true;
+                } else if let Some(name) = piece["SpecialToken"]["id"].as_str() {
+                    let id = tok.token_id(name).ok_or_else(|| {
+                        bad(format!(
+                            "post-processor token {name:?} is not in the vocabulary"
+                        ))
+                    })?;
+                    if seen_seq {
+                        tok.suffix_ids.push(id)
+                    } else {
+                        tok.prefix_ids.push(id)
+                    }
+                }
+            }
+        }
+        Ok(tok)
+    }
+
+    /// Loads `tokenizer.json` from a Hugging Face checkpoint directory, with
+    /// BOS/EOS, `add_bos_token` and the chat template from
+    /// `tokenizer_config.json` (or `chat_template.json` / `chat_template.jinja`)
+    /// when present.
+    pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self> {
+        let read = |name: &str| std::fs::read_to_string(dir.join(name));
+        let text = read("tokenizer.json").map_err(|e| {
+            TokenizerError::BadVocab(format!(
+                "cannot read {}: {e}",
+                dir.join("tokenizer.json").display()
+            ))
+        })?;
+        let mut tok = Self::from_tokenizer_json(&text)?;
+        let token_of = |v: &serde_json::Value| -> Option<String> {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v["content"].as_str().map(str::to_string))
+        };
+        if let Ok(cfg) = read("tokenizer_config.json") {
+            let cfg: serde_json::Value = serde_json::from_str(&cfg).map_err(|e| {
+                TokenizerError::BadVocab(format!("tokenizer_config.json in {}: {e}", dir.display()))
+            })?;
+            tok.bos = token_of(&cfg["bos_token"]).and_then(|t| tok.token_id(&t));
+            tok.eos = token_of(&cfg["eos_token"]).and_then(|t| tok.token_id(&t));
+            tok.pad = token_of(&cfg["pad_token"]).and_then(|t| tok.token_id(&t));
+            tok.add_bos = cfg["add_bos_token"].as_bool().unwrap_or(false);
+            tok.chat_template = cfg["chat_template"].as_str().map(str::to_string);
+        }
+        if let Ok(t) = read("chat_template.json") {
+            let t: serde_json::Value = serde_json::from_str(&t).map_err(|e| {
+                TokenizerError::BadVocab(format!("chat_template.json in {}: {e}", dir.display()))
+            })?;
+            tok.chat_template = t["chat_template"]
+                .as_str()
+                .map(str::to_string)
+                .or(tok.chat_template);
+        }
+        if let Ok(t) = read("chat_template.jinja") {
+            tok.chat_template = Some(t);
+        }
+        Ok(tok)
+    }
+
     /// The same tokenizer with another pre-tokenizer.
     pub fn with_pre_tokenizer(mut self, pre: PreTokenizer) -> Result<Self> {
-        self.regex = compile(pre.pattern())?;
+        self.stages = compile_stages(pre.stage_patterns())?;
         self.pre = pre;
         Ok(self)
     }
@@ -458,8 +658,11 @@ impl Tokenizer {
     /// for it (`tokenizer.ggml.add_bos_token`).
     pub fn encode(&self, text: &str, add_special: bool) -> Vec<u32> {
         let mut ids = Vec::with_capacity(text.len() / 3 + 2);
-        if add_special && self.add_bos {
-            ids.extend(self.bos);
+        if add_special {
+            if self.add_bos && !self.prefix_ids.contains(&self.bos.unwrap_or(u32::MAX)) {
+                ids.extend(self.bos);
+            }
+            ids.extend_from_slice(&self.prefix_ids);
         }
         let mut rest = text;
         while !rest.is_empty() {
@@ -474,6 +677,9 @@ impl Tokenizer {
                     break;
                 }
             }
+        }
+        if add_special {
+            ids.extend_from_slice(&self.suffix_ids);
         }
         ids
     }
@@ -504,37 +710,38 @@ impl Tokenizer {
         if text.is_empty() {
             return;
         }
-        if self.pre == PreTokenizer::Gpt2DigitsSplit {
-            let mut last = 0;
-            for m in self.digits.find_iter(text).flatten() {
-                self.encode_pieces(&text[last..m.start()], ids);
-                self.encode_pieces(m.as_str(), ids);
-                last = m.end();
-            }
-            self.encode_pieces(&text[last..], ids);
+        let normalized;
+        let text = if self.nfc {
+            normalized = text.nfc().collect::<String>();
+            normalized.as_str()
         } else {
-            self.encode_pieces(text, ids);
-        }
+            text
+        };
+        self.split_and_encode(text, &self.stages, ids);
     }
 
-    fn encode_pieces(&self, text: &str, ids: &mut Vec<u32>) {
+    /// Splits `text` by the first stage into matches and the gaps between
+    /// them, passes each piece to the next stage, and BPE-encodes what the
+    /// last stage leaves.
+    fn split_and_encode(&self, text: &str, stages: &[Regex], ids: &mut Vec<u32>) {
+        let Some((regex, rest)) = stages.split_first() else {
+            self.bpe(text, ids);
+            return;
+        };
         let mut last = 0;
-        for m in self.regex.find_iter(text) {
-            match m {
-                Ok(m) => {
-                    // Text the regex skipped (it matches everything, but be safe).
-                    if m.start() > last {
-                        self.bpe(&text[last..m.start()], ids);
-                    }
-                    self.bpe(m.as_str(), ids);
-                    last = m.end();
-                }
-                // Backtracking limit hit: encode the rest as one piece rather than fail.
-                Err(_) => break,
+        for m in regex.find_iter(text) {
+            // A backtracking-limit error leaves the rest as one piece rather than failing.
+            let Ok(m) = m else { break };
+            if m.start() > last {
+                self.split_and_encode(&text[last..m.start()], rest, ids);
             }
+            if m.end() > m.start() {
+                self.split_and_encode(m.as_str(), rest, ids);
+            }
+            last = m.end();
         }
         if last < text.len() {
-            self.bpe(&text[last..], ids);
+            self.split_and_encode(&text[last..], rest, ids);
         }
     }
 
@@ -548,6 +755,13 @@ impl Tokenizer {
                 .iter()
                 .filter_map(|&b| self.byte_token[b as usize].or(self.unk)),
         );
+        if self.ignore_merges && symbols.len() > 1 {
+            let whole: String = piece.bytes().map(|b| BYTE_TO_CHAR[b as usize]).collect();
+            if let Some(&id) = self.token_ids.get(&whole) {
+                ids.push(id);
+                return;
+            }
+        }
         loop {
             let best = symbols
                 .windows(2)
@@ -666,6 +880,58 @@ fn default_system_prompt(template: &str) -> Option<String> {
         return None;
     }
     Some(text.replace("\\n", "\n"))
+}
+
+/// The regex stages of a tokenizer.json pre-tokenizer, or what is unsupported.
+fn pre_tokenizer_patterns(pre: &serde_json::Value) -> std::result::Result<Vec<String>, String> {
+    use serde_json::Value;
+    let mut out = Vec::new();
+    let list: Vec<Value> = match pre {
+        Value::Null => return Ok(out),
+        p if p["type"] == "Sequence" => p["pretokenizers"].as_array().cloned().unwrap_or_default(),
+        p => vec![p.clone()],
+    };
+    for p in &list {
+        match p["type"].as_str() {
+            Some("ByteLevel") => {
+                if p["add_prefix_space"].as_bool() == Some(true) {
+                    return Err("ByteLevel with add_prefix_space is not supported".into());
+                }
+                if p["use_regex"].as_bool().unwrap_or(true) {
+                    out.push(GPT2_PATTERN.to_string());
+                }
+            }
+            Some("Digits") => out.push(
+                if p["individual_digits"].as_bool().unwrap_or(false) {
+                    r"\p{N}"
+                } else {
+                    r"\p{N}+"
+                }
+                .to_string(),
+            ),
+            Some("Split") => {
+                let behavior = p["behavior"].as_str().unwrap_or("Isolated");
+                if behavior != "Isolated" || p["invert"].as_bool() == Some(true) {
+                    return Err(format!(
+                        "Split with behavior {behavior} / invert is not supported"
+                    ));
+                }
+                let pattern = match (&p["pattern"]["Regex"], &p["pattern"]["String"]) {
+                    (Value::String(r), _) => r.clone(),
+                    (_, Value::String(s)) => fancy_regex::escape(s).into_owned(),
+                    _ => {
+                        return Err(format!(
+                            "Split pattern {} is not a regex or string",
+                            p["pattern"]
+                        ))
+                    }
+                };
+                out.push(pattern);
+            }
+            other => return Err(format!("unsupported pre-tokenizer {other:?}")),
+        }
+    }
+    Ok(out)
 }
 
 fn parse_byte_token(t: &str) -> Option<u8> {

@@ -119,3 +119,33 @@ fn special_tokens_metadata_and_chat_template() {
     assert_eq!(split.decode(&split.encode(n, false)), n);
     assert!(split.encode(n, false).len() >= tok.encode(n, false).len());
 }
+
+#[test]
+fn varied_texts_match_hugging_face_tokenizers() {
+    let Some(path) = model_or_skip("varied_texts_match_hugging_face_tokenizers") else {
+        return;
+    };
+    let tok = tokenizer(&path);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2/tokenizer_cases.json");
+    let cases: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        let got = tok.encode(text, true);
+        if got != want {
+            failures.push(format!("{text:?}\n  ours {got:?}\n  hf   {want:?}"));
+        }
+        assert_eq!(
+            tok.decode(&got),
+            case["decoded"].as_str().unwrap(),
+            "decode of {text:?}"
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} texts differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
