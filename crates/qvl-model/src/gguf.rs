@@ -978,6 +978,20 @@ impl GgufFile {
         tensor_slice(&self.map, &self.header, info)
     }
 
+    /// The stored bytes of rows `rows` of a tensor (a row is `dims[0]`
+    /// values), e.g. to dequantize one tile of a weight inside a matmul.
+    pub fn tensor_rows(&self, info: &TensorInfo, rows: std::ops::Range<usize>) -> Result<&[u8]> {
+        if rows.start > rows.end || rows.end > info.n_rows() {
+            return Err(GgufError::BadShape {
+                tensor: info.name.clone(),
+                dims: info.dims.clone(),
+                reason: format!("rows {rows:?} asked of {} rows", info.n_rows()),
+            });
+        }
+        let rb = info.row_bytes();
+        Ok(&self.tensor_data(info)[rows.start * rb..rows.end * rb])
+    }
+
     /// A tensor converted to `f32`, in ggml order (row after row).
     pub fn dequantize_tensor(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.tensor_info(name)?;
@@ -1187,6 +1201,8 @@ pub struct LlamaHyperparams {
     /// Whether `attn_q`/`attn_k` rows are permuted for adjacent-pair RoPE
     /// (see the module docs): true for `llama`-style architectures.
     pub qk_rows_permuted: bool,
+    /// M-RoPE sections (`rope.dimension_sections`, Qwen-VL files); empty when absent.
+    pub rope_sections: Vec<usize>,
 }
 
 impl LlamaHyperparams {
@@ -1229,6 +1245,17 @@ impl LlamaHyperparams {
         };
         let context_length = usize_of("context_length")?;
         let tied_embeddings = h.tensor("output.weight").is_none();
+        let rope_sections = match h.get(&key("rope.dimension_sections")) {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64().map(|x| x as usize))
+                        .collect()
+                })
+                .ok_or_else(|| wrong_type(&key("rope.dimension_sections"), "array", v))?,
+        };
         let qk_rows_permuted = matches!(
             arch.as_str(),
             "llama" | "mistral" | "granite" | "smollm3" | "deci" | "olmo2"
@@ -1248,6 +1275,7 @@ impl LlamaHyperparams {
             context_length,
             tied_embeddings,
             qk_rows_permuted,
+            rope_sections,
         })
     }
 }
@@ -1292,4 +1320,40 @@ pub fn unpermute_qk_rows(
             .copy_from_slice(&src[g * row_bytes..(g + 1) * row_bytes]);
     }
     Ok(out)
+}
+
+/// The Hugging Face parameter name of a llama/qwen GGUF tensor
+/// (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`), or
+/// `None` for names outside the decoder's usual set.
+pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+    let global = match gguf_name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(g) = global {
+        return Some(g.to_string());
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
 }

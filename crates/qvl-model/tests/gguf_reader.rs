@@ -676,6 +676,44 @@ fn hyperparams_and_rope_unpermute() {
     assert_eq!((hp.vocab_size, hp.context_length), (3, 128));
     assert!((hp.rms_norm_eps - 1e-5).abs() < 1e-9 && hp.rope_theta == 10000.0);
     assert!(hp.tied_embeddings && hp.qk_rows_permuted);
+    assert!(hp.rope_sections.is_empty());
+
+    // A qwen3vl-style header: explicit head_dim, M-RoPE sections, untied output, no q/k permutation.
+    let kv = vec![
+        ("general.architecture", V::Str("qwen3vl")),
+        ("qwen3vl.block_count", V::U32(28)),
+        ("qwen3vl.context_length", V::U32(262144)),
+        ("qwen3vl.embedding_length", V::U32(2048)),
+        ("qwen3vl.feed_forward_length", V::U32(6144)),
+        ("qwen3vl.attention.head_count", V::U32(16)),
+        ("qwen3vl.attention.head_count_kv", V::U32(8)),
+        ("qwen3vl.attention.key_length", V::U32(128)),
+        ("qwen3vl.rope.freq_base", V::F32(5_000_000.0)),
+        (
+            "qwen3vl.rope.dimension_sections",
+            V::Arr(5, vec![V::I32(24), V::I32(20), V::I32(20), V::I32(0)]),
+        ),
+        ("qwen3vl.attention.layer_norm_rms_epsilon", V::F32(1e-6)),
+        ("qwen3vl.vocab_size", V::U32(151936)),
+    ];
+    let b = write_gguf(
+        &kv,
+        &[Tensor {
+            name: "output.weight",
+            dims: vec![4],
+            type_id: 0,
+            data: vec![0; 16],
+        }],
+        32,
+    );
+    let hp = LlamaHyperparams::from_header(&GgufHeader::parse(&b).unwrap()).unwrap();
+    assert_eq!(
+        (hp.head_dim, hp.rope_dim, hp.n_kv_heads, hp.vocab_size),
+        (128, 128, 8, 151936)
+    );
+    assert_eq!(hp.rope_sections, [24, 20, 20, 0]);
+    assert!(!hp.tied_embeddings && !hp.qk_rows_permuted);
+    assert_eq!(hp.rope_theta, 5_000_000.0);
 
     // The permutation convert_hf_to_gguf.py applies: reshape (heads, 2, hd/2, cols),
     // swap axes 1 and 2. Un-permuting must give back the Hugging Face rows.
