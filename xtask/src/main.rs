@@ -91,7 +91,14 @@ fn ci(args: &[String]) -> Result<()> {
     fmt.args(["fmt", "--all", "--", "--check"]);
     step("cargo fmt --check", fmt)?;
     let mut clippy = cargo();
-    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     step("cargo clippy -D warnings", clippy)?;
     deps()?;
     // The trained model makes the end-to-end tests real; offline they say
@@ -116,7 +123,10 @@ fn deps() -> Result<()> {
         .output()
         .context("cannot run cargo metadata")?;
     if !out.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let meta: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("cargo metadata printed invalid JSON")?;
@@ -127,7 +137,10 @@ fn deps() -> Result<()> {
             violations.join("\n  ")
         );
     }
-    println!("<== dependency rule: ok ({} manager crates)", MANAGER_CRATES.len());
+    println!(
+        "<== dependency rule: ok ({} manager crates)",
+        MANAGER_CRATES.len()
+    );
     Ok(())
 }
 
@@ -158,7 +171,8 @@ fn bench(args: &[String]) -> Result<()> {
         bail!("usage: cargo xtask bench <phase>|all [--quick]");
     }
     let mut cmd = cargo();
-    cmd.args(["run", "--release", "--quiet", "-p", "qvl-bench", "--"]).args(args);
+    cmd.args(["run", "--release", "--quiet", "-p", "qvl-bench", "--"])
+        .args(args);
     step(&format!("bench {}", args.join(" ")), cmd)
 }
 
@@ -166,7 +180,18 @@ fn fetch_model(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("smollm2") => {
             let mut cmd = cargo();
-            cmd.args(["run", "--release", "--quiet", "-p", "qvl-runtime", "--bin", "qvl", "--", "fetch-model", "smollm2"]);
+            cmd.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "qvl-runtime",
+                "--bin",
+                "qvl",
+                "--",
+                "fetch-model",
+                "smollm2",
+            ]);
             step("fetch-model smollm2", cmd)
         }
         Some(other) => bail!("unknown model {other:?}; known: smollm2"),
@@ -189,6 +214,12 @@ mod tests {
             {"name": "qvl-gc", "dependencies": [{"name": "qvl-model", "kind": "dev"}]}
         ]});
         let v = dependency_violations(&meta).unwrap();
-        assert_eq!(v, vec!["qvl-cache -> qvl-pool (normal)", "qvl-gc -> qvl-model (dev)"]);
+        assert_eq!(
+            v,
+            vec![
+                "qvl-cache -> qvl-pool (normal)",
+                "qvl-gc -> qvl-model (dev)"
+            ]
+        );
     }
 }

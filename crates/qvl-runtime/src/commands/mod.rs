@@ -1,2 +1,3 @@
 //! One module per subcommand group; each returns the process exit code.
 pub mod config;
+pub mod model;
