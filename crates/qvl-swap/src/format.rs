@@ -1,0 +1,251 @@
+//! On-disk record of one block, and page-aligned buffers for O_DIRECT.
+//!
+//! A record is a 64-byte header followed by the payload, padded to whole
+//! pages so that every record starts and ends on a page boundary (what
+//! O_DIRECT needs):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..8 | magic `QVLSWAP\0` |
+//! | 8..10 | format version (1) |
+//! | 10..12 | codec id |
+//! | 12..16 | reserved (0) |
+//! | 16..32 | block key (u128 LE) |
+//! | 32..40 | payload length |
+//! | 40..48 | generation (write sequence number) |
+//! | 48..56 | XXH3-64 of bytes 0..48 and the payload |
+//! | 56..64 | reserved (0) |
+
+use qvl_core::{BlockKey, CodecId};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+use xxhash_rust::xxh3::Xxh3;
+
+/// Alignment and allocation unit of the swap file.
+pub const PAGE: usize = 4096;
+/// Bytes of a record header.
+pub const HEADER_LEN: usize = 64;
+/// Magic at the start of every record.
+pub const MAGIC: [u8; 8] = *b"QVLSWAP\0";
+/// The format version this build writes and reads.
+pub const VERSION: u16 = 1;
+
+/// The fields of a record header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Codec of the payload.
+    pub codec: CodecId,
+    /// Key of the block.
+    pub key: BlockKey,
+    /// Payload bytes.
+    pub payload_len: u64,
+    /// Write sequence number: tells a current record from an old one left
+    /// in a reused extent.
+    pub generation: u64,
+}
+
+/// Pages a record with `payload_len` bytes of payload occupies.
+pub fn record_pages(payload_len: usize) -> usize {
+    (HEADER_LEN + payload_len).div_ceil(PAGE)
+}
+
+fn checksum(head: &[u8], payload: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(head);
+    h.update(payload);
+    h.digest()
+}
+
+/// Writes the header for `payload` into `out[..HEADER_LEN]`.
+pub fn encode_header(h: &RecordHeader, payload: &[u8], out: &mut [u8]) {
+    let out = &mut out[..HEADER_LEN];
+    out.fill(0);
+    out[0..8].copy_from_slice(&MAGIC);
+    out[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    out[10..12].copy_from_slice(&h.codec.0.to_le_bytes());
+    out[16..32].copy_from_slice(&h.key.to_le_bytes());
+    out[32..40].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    out[40..48].copy_from_slice(&h.generation.to_le_bytes());
+    let sum = checksum(&out[0..48], payload);
+    out[48..56].copy_from_slice(&sum.to_le_bytes());
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Checks a record read from disk against what the index expects and
+/// returns its payload. Any mismatch is a reason string, never a panic.
+pub fn verify_record<'a>(record: &'a [u8], expect: &RecordHeader) -> Result<&'a [u8], String> {
+    if record.len() < HEADER_LEN {
+        return Err(format!(
+            "record of {} bytes is shorter than a header",
+            record.len()
+        ));
+    }
+    let head = &record[..HEADER_LEN];
+    if head[0..8] != MAGIC {
+        return Err(format!("bad magic {:02x?}", &head[0..8]));
+    }
+    let version = u16::from_le_bytes([head[8], head[9]]);
+    if version != VERSION {
+        return Err(format!(
+            "format version {version}, this build reads {VERSION}"
+        ));
+    }
+    let codec = CodecId(u16::from_le_bytes([head[10], head[11]]));
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&head[16..32]);
+    let key = BlockKey::from_le_bytes(key);
+    let len = le_u64(&head[32..40]);
+    let generation = le_u64(&head[40..48]);
+    if key != expect.key {
+        return Err(format!("record holds block {key}"));
+    }
+    if generation != expect.generation {
+        return Err(format!(
+            "record is generation {generation}, the index expects {} (a stale record)",
+            expect.generation
+        ));
+    }
+    if codec != expect.codec || len != expect.payload_len {
+        return Err(format!(
+            "record says {codec} / {len} bytes, the index expects {} / {} bytes",
+            expect.codec, expect.payload_len
+        ));
+    }
+    let end = HEADER_LEN as u64 + len;
+    if end > record.len() as u64 {
+        return Err(format!(
+            "payload of {len} bytes runs past the {} bytes read",
+            record.len()
+        ));
+    }
+    let payload = &record[HEADER_LEN..end as usize];
+    let stored = le_u64(&head[48..56]);
+    let actual = checksum(&head[0..48], payload);
+    if stored != actual {
+        return Err(format!(
+            "checksum mismatch: stored {stored:016x}, computed {actual:016x}"
+        ));
+    }
+    Ok(payload)
+}
+
+/// A zeroed heap buffer aligned to [`PAGE`], whose length is a multiple of
+/// [`PAGE`]: what O_DIRECT reads and writes need.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out &[u8]; mutation needs &mut self.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of at least `len` bytes (rounded up to whole pages,
+    /// at least one page).
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let len = len.div_ceil(PAGE).max(1) * PAGE;
+        let layout = Self::layout(len);
+        // SAFETY: layout has a non-zero size (at least one page).
+        let raw = unsafe { alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> Layout {
+        // Invariant: PAGE is a power of two and len is a multiple of it far
+        // below isize::MAX for any buffer the store makes.
+        #[allow(clippy::expect_used)]
+        Layout::from_size_align(len, PAGE).expect("page-aligned layout")
+    }
+
+    /// Length in bytes (a multiple of [`PAGE`]).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty (never: at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr points to len initialized (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated in `zeroed` with exactly this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(payload: &[u8]) -> RecordHeader {
+        RecordHeader {
+            codec: CodecId(3),
+            key: BlockKey::from_id(9),
+            payload_len: payload.len() as u64,
+            generation: 17,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_every_field_is_checked() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let h = header(&payload);
+        let mut rec = AlignedBuf::zeroed(HEADER_LEN + payload.len());
+        assert_eq!(rec.len(), record_pages(payload.len()) * PAGE);
+        assert_eq!(rec.as_slice().as_ptr() as usize % PAGE, 0);
+        encode_header(&h, &payload, rec.as_mut_slice());
+        rec.as_mut_slice()[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(&payload);
+        assert_eq!(verify_record(rec.as_slice(), &h).unwrap(), &payload[..]);
+
+        let other_key = RecordHeader {
+            key: BlockKey::from_id(10),
+            ..h
+        };
+        assert!(verify_record(rec.as_slice(), &other_key)
+            .unwrap_err()
+            .contains("holds block"));
+        let old = RecordHeader {
+            generation: 16,
+            ..h
+        };
+        assert!(verify_record(rec.as_slice(), &old)
+            .unwrap_err()
+            .contains("stale"));
+        // One flipped payload bit fails the checksum.
+        let mut bad = rec.as_slice().to_vec();
+        bad[HEADER_LEN + 100] ^= 0x10;
+        assert!(verify_record(&bad, &h).unwrap_err().contains("checksum"));
+        // A torn record (zeros where the header should be) fails on the magic.
+        let zeros = vec![0u8; PAGE];
+        assert!(verify_record(&zeros, &h).unwrap_err().contains("magic"));
+        // Truncated input is an error, not a panic.
+        assert!(verify_record(&rec.as_slice()[..10], &h).is_err());
+        assert!(verify_record(&rec.as_slice()[..HEADER_LEN + 10], &h)
+            .unwrap_err()
+            .contains("runs past"));
+    }
+}

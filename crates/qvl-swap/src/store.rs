@@ -1,0 +1,402 @@
+//! [`SsdStore`]: the SSD tier's [`BlockStore`], with batched writes and
+//! asynchronous, checksummed reads.
+
+use crate::config::SwapConfig;
+use crate::dir::{clean_stale_files, prepare_directory};
+use crate::engine::{EngineSnapshot, IoClock, IoEngine, Ticket};
+use crate::error::{Result, SwapError};
+use crate::extent::{lock, Extent, ExtentAllocator};
+use crate::file::{ActiveIo, FaultPlan, SwapFile};
+use crate::format::{
+    encode_header, record_pages, verify_record, AlignedBuf, RecordHeader, HEADER_LEN, PAGE,
+};
+use qvl_core::{
+    Block, BlockKey, BlockStore, ByteSize, CodecId, MetricEvent, MetricsRecorder, NoopRecorder,
+    TensorMeta, Tier,
+};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Turns a verified payload (with the block's meta and codec) into what the
+/// reader wants, on the I/O thread.
+pub type DecodeFn<T> = dyn Fn(&TensorMeta, CodecId, &[u8]) -> Result<T> + Send + Sync;
+
+#[allow(clippy::type_complexity)]
+type LocalDecode<'a, T> = &'a dyn Fn(&TensorMeta, CodecId, &[u8]) -> Result<T>;
+/// A shared [`DecodeFn`].
+pub type Decoder<T> = Arc<DecodeFn<T>>;
+
+/// Where a block lives in the file and what its record must say.
+#[derive(Clone)]
+struct Entry {
+    extent: Arc<Extent>,
+    header: RecordHeader,
+    meta: TensorMeta,
+}
+
+struct Inner {
+    file: SwapFile,
+    allocator: Arc<Mutex<ExtentAllocator>>,
+    index: RwLock<HashMap<BlockKey, Entry>>,
+    generation: AtomicU64,
+    engine: IoEngine,
+    recorder: Arc<dyn MetricsRecorder>,
+    blocks_written: AtomicU64,
+    blocks_read: AtomicU64,
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+    integrity_failures: AtomicU64,
+}
+
+/// What a store has done, for reports and tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreStats {
+    /// The I/O path in use.
+    pub io: ActiveIo,
+    /// Blocks written.
+    pub blocks_written: u64,
+    /// Blocks read back.
+    pub blocks_read: u64,
+    /// Record bytes written (headers and padding included).
+    pub bytes_written: u64,
+    /// Record bytes read (headers and padding included).
+    pub bytes_read: u64,
+    /// Reads that failed a check (magic, key, generation, checksum, length).
+    pub integrity_failures: u64,
+    /// The I/O engine's counters (busy time, latency, throttling).
+    pub engine: EngineSnapshot,
+}
+
+/// The swap space on SSD: one preallocated file in a private directory,
+/// checksummed records, I/O on a bounded thread pool.
+///
+/// A block becomes visible (to `get`, `contains`, reads) only after its
+/// record is completely written: a reader can never see a torn block. A
+/// replaced or removed block's pages are reused only after the reads of it
+/// that are in flight finish.
+#[derive(Clone)]
+pub struct SsdStore {
+    inner: Arc<Inner>,
+}
+
+impl SsdStore {
+    /// Prepares the directory (0700, not a symlink, ours), removes swap
+    /// files of dead processes, and creates this store's file.
+    pub fn open(config: &SwapConfig) -> Result<SsdStore> {
+        config.validate()?;
+        prepare_directory(&config.swap_directory)?;
+        clean_stale_files(&config.swap_directory)?;
+        let file = SwapFile::create(
+            &config.swap_directory,
+            config.capacity_bytes,
+            config.io_mode,
+        )?;
+        let pages = file.capacity() / PAGE as u64;
+        let engine = IoEngine::start(
+            config.max_inflight,
+            Duration::from_micros(config.target_read_latency_us),
+        )?;
+        tracing::debug!(path = %file.path().display(), io = file.io().name(), "swap file ready");
+        Ok(SsdStore {
+            inner: Arc::new(Inner {
+                file,
+                allocator: Arc::new(Mutex::new(ExtentAllocator::new(pages))),
+                index: RwLock::new(HashMap::new()),
+                generation: AtomicU64::new(1),
+                engine,
+                recorder: Arc::new(NoopRecorder),
+                blocks_written: AtomicU64::new(0),
+                blocks_read: AtomicU64::new(0),
+                bytes_written: AtomicU64::new(0),
+                bytes_read: AtomicU64::new(0),
+                integrity_failures: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The same store reporting swap events to `recorder`. Call before
+    /// sharing the store (it needs the only handle).
+    pub fn with_recorder(mut self, recorder: Arc<dyn MetricsRecorder>) -> Result<SsdStore> {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.recorder = recorder;
+                Ok(self)
+            }
+            None => Err(SwapError::InvalidConfig(
+                "with_recorder needs the only handle of the store".to_string(),
+            )),
+        }
+    }
+
+    /// The swap file's path.
+    pub fn path(&self) -> &Path {
+        self.inner.file.path()
+    }
+
+    /// The I/O path in use (O_DIRECT, buffered or mmap).
+    pub fn io(&self) -> ActiveIo {
+        self.inner.file.io()
+    }
+
+    /// Injects faults (tests).
+    pub fn set_faults(&self, plan: FaultPlan) {
+        self.inner.file.set_faults(plan);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> StoreStats {
+        let i = &self.inner;
+        StoreStats {
+            io: i.file.io(),
+            blocks_written: i.blocks_written.load(Ordering::Relaxed),
+            blocks_read: i.blocks_read.load(Ordering::Relaxed),
+            bytes_written: i.bytes_written.load(Ordering::Relaxed),
+            bytes_read: i.bytes_read.load(Ordering::Relaxed),
+            integrity_failures: i.integrity_failures.load(Ordering::Relaxed),
+            engine: i.engine.snapshot(),
+        }
+    }
+
+    /// Writes `blocks` as neighbouring records in one I/O (one contiguous
+    /// extent), then publishes them all. On error nothing is published
+    /// and earlier versions of the keys stay readable.
+    pub fn put_batch(&self, blocks: Vec<Block>) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let i = &self.inner;
+        i.file.check_present()?;
+        let pages: Vec<u64> = blocks
+            .iter()
+            .map(|b| record_pages(b.data.len()) as u64)
+            .collect();
+        let total: u64 = pages.iter().sum();
+        let extents = self.allocate_run(&pages, total)?;
+        let mut buf = AlignedBuf::zeroed(total as usize * PAGE);
+        let mut headers = Vec::with_capacity(blocks.len());
+        let mut at = 0usize;
+        for (b, p) in blocks.iter().zip(&pages) {
+            let header = RecordHeader {
+                codec: b.codec,
+                key: b.key,
+                payload_len: b.data.len() as u64,
+                generation: i.generation.fetch_add(1, Ordering::Relaxed),
+            };
+            let rec = &mut buf.as_mut_slice()[at..at + *p as usize * PAGE];
+            encode_header(&header, &b.data, rec);
+            rec[HEADER_LEN..HEADER_LEN + b.data.len()].copy_from_slice(&b.data);
+            headers.push(header);
+            at += *p as usize * PAGE;
+        }
+        let offset = extents[0].offset();
+        let start = Instant::now();
+        i.engine.run_here(|clock: &IoClock| {
+            clock.time(buf.len() as u64, || i.file.write_at(buf.as_slice(), offset))
+        })?;
+        let latency = start.elapsed();
+        i.recorder.record(&MetricEvent::Swap {
+            out: true,
+            bytes: buf.len() as u64,
+            latency,
+        });
+        i.blocks_written
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        i.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        // Publish only now that every byte is written.
+        let mut index = i.index.write().unwrap_or_else(|p| p.into_inner());
+        for ((b, header), extent) in blocks.into_iter().zip(headers).zip(extents) {
+            index.insert(
+                b.key,
+                Entry {
+                    extent: Arc::new(extent),
+                    header,
+                    meta: b.meta,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn allocate_run(&self, pages: &[u64], total: u64) -> Result<Vec<Extent>> {
+        let i = &self.inner;
+        let mut alloc = lock(&i.allocator);
+        let Some(start) = alloc.allocate(total) else {
+            return Err(SwapError::OutOfSpace {
+                path: i.file.path().to_path_buf(),
+                needed: ByteSize(total * PAGE as u64),
+                free: ByteSize(alloc.free_pages() * PAGE as u64),
+                capacity: ByteSize(alloc.total_pages() * PAGE as u64),
+            });
+        };
+        drop(alloc);
+        // Split the run into one extent per record, so that each frees on
+        // its own when its block is removed.
+        let mut out = Vec::with_capacity(pages.len());
+        let mut at = start;
+        for &p in pages {
+            out.push(Extent::adopt(&i.allocator, at, p));
+            at += p;
+        }
+        Ok(out)
+    }
+
+    fn entry(&self, key: &BlockKey) -> Option<Entry> {
+        self.inner
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Reads `key` on an I/O thread and hands its verified payload and
+    /// codec to `decode` there (so conversion runs beside the I/O, not on
+    /// the caller's thread). None when the key is not stored. `urgent`
+    /// reads jump the queue (a caller is waiting for them).
+    pub fn read_async<T: Send + 'static>(
+        &self,
+        key: &BlockKey,
+        urgent: bool,
+        decode: Decoder<T>,
+    ) -> Option<Ticket<T>> {
+        let entry = self.entry(key)?;
+        let inner = Arc::clone(&self.inner);
+        Some(self.inner.engine.submit(urgent, move |clock| {
+            read_entry(&inner, &entry, clock, &*decode)
+        }))
+    }
+
+    /// Reads `key` on the calling thread.
+    pub fn read_with<T>(
+        &self,
+        key: &BlockKey,
+        decode: impl Fn(&TensorMeta, CodecId, &[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let inner = &self.inner;
+        inner
+            .engine
+            .run_here(|clock| read_entry(inner, &entry, clock, &decode))
+            .map(Some)
+    }
+
+    /// Removes `key`; its pages are reused once no read of it is running.
+    pub fn remove_key(&self, key: &BlockKey) -> bool {
+        self.inner
+            .index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+            .is_some()
+    }
+
+    /// Where `key`'s record starts in the file (tests and tools).
+    pub fn record_offset(&self, key: &BlockKey) -> Option<u64> {
+        self.entry(key).map(|e| e.extent.offset())
+    }
+}
+
+fn read_entry<T>(
+    inner: &Inner,
+    entry: &Entry,
+    clock: &IoClock,
+    decode: LocalDecode<'_, T>,
+) -> Result<T> {
+    inner.file.check_present()?;
+    let len = entry.extent.byte_len();
+    let offset = entry.extent.offset();
+    let start = Instant::now();
+    let corrupt = |reason: String| {
+        inner.integrity_failures.fetch_add(1, Ordering::Relaxed);
+        SwapError::Corrupt {
+            key: entry.header.key,
+            path: inner.file.path().to_path_buf(),
+            offset,
+            reason,
+        }
+    };
+    // Read only the header's page plus the payload's pages, not the
+    // extent's padding beyond them.
+    let want = (HEADER_LEN + entry.header.payload_len as usize)
+        .div_ceil(PAGE)
+        .max(1)
+        * PAGE;
+    let want = want.min(len);
+    let out = if inner.file.io() == ActiveIo::Mmap {
+        // The checksum pass touches every mapped byte first, so it is where
+        // the page faults (the device reads) happen: the timed part.
+        let mapped = inner.file.mapped(offset, want)?.unwrap_or(&[]);
+        let payload = clock
+            .time(want as u64, || verify_record(mapped, &entry.header))
+            .map_err(corrupt)?;
+        decode(&entry.meta, entry.header.codec, payload)?
+    } else {
+        let mut buf = AlignedBuf::zeroed(want);
+        clock.time(want as u64, || {
+            inner.file.read_exact_at(buf.as_mut_slice(), offset)
+        })?;
+        let payload = verify_record(buf.as_slice(), &entry.header).map_err(corrupt)?;
+        decode(&entry.meta, entry.header.codec, payload)?
+    };
+    inner.blocks_read.fetch_add(1, Ordering::Relaxed);
+    inner.bytes_read.fetch_add(want as u64, Ordering::Relaxed);
+    inner.recorder.record(&MetricEvent::Swap {
+        out: false,
+        bytes: want as u64,
+        latency: start.elapsed(),
+    });
+    Ok(out)
+}
+
+impl BlockStore for SsdStore {
+    fn tier(&self) -> Tier {
+        Tier::Ssd
+    }
+
+    fn put(&self, block: Block) -> qvl_core::Result<()> {
+        Ok(self.put_batch(vec![block])?)
+    }
+
+    fn get(&self, key: &BlockKey) -> qvl_core::Result<Option<Block>> {
+        let k = *key;
+        Ok(self.read_with(key, |meta, codec, payload| {
+            Ok(Block {
+                key: k,
+                meta: meta.clone(),
+                codec,
+                data: Arc::from(payload),
+            })
+        })?)
+    }
+
+    fn remove(&self, key: &BlockKey) -> qvl_core::Result<bool> {
+        Ok(self.remove_key(key))
+    }
+
+    fn contains(&self, key: &BlockKey) -> bool {
+        self.entry(key).is_some()
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.inner.file.capacity()
+    }
+
+    fn used_bytes(&self) -> u64 {
+        let a = lock(&self.inner.allocator);
+        (a.total_pages() - a.free_pages()) * PAGE as u64
+    }
+
+    fn len(&self) -> usize {
+        self.inner
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
