@@ -13,6 +13,12 @@ use rayon::prelude::*;
 /// Weight rows converted per tile.
 const TILE_ROWS: usize = 16;
 
+/// Up to this many input rows (decode, short chunks) the weights are read
+/// straight from their stored bytes inside the dot product, with no tile:
+/// each weight byte is then touched once, from RAM, which is what bounds
+/// decoding. More rows amortize a converted tile over many dot products.
+const DIRECT_MAX_ROWS: usize = 4;
+
 /// A linear layer: `out_features x in_features` weights in their stored
 /// dtype and an optional f32 bias.
 #[derive(Clone, Debug)]
@@ -101,8 +107,12 @@ impl Linear {
                 let row0 = t * TILE_ROWS;
                 let nrows = out_chunk.len() / rows;
                 let src = &bytes[row0 * k * elem..(row0 + nrows) * k * elem];
-                tile.resize(nrows * k, 0.0);
-                run_tile(dtype, src, tile, x, rows, k, out_chunk);
+                if rows <= DIRECT_MAX_ROWS {
+                    run_direct(dtype, src, tile, x, rows, k, out_chunk);
+                } else {
+                    tile.resize(nrows * k, 0.0);
+                    run_tile(dtype, src, tile, x, rows, k, out_chunk);
+                }
             });
         let mut out = if rows == 1 {
             out_t
@@ -147,6 +157,120 @@ fn run_tile(
         }
     }
     tile_body(dtype, src, tile, x, rows, k, out);
+}
+
+/// Dot products of every row of `x` with weight rows read from their
+/// stored bytes (`src` holds whole rows), out in `rows`-major-per-weight
+/// order like [`run_tile`].
+fn run_direct(
+    dtype: DType,
+    src: &[u8],
+    scratch: &mut Vec<f32>,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    let elem = dtype.bytes_for(1);
+    let nrows = src.len() / (k * elem);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            for j in 0..nrows {
+                let w = &src[j * k * elem..(j + 1) * k * elem];
+                for i in 0..rows {
+                    // SAFETY: AVX2, FMA and F16C are present, checked
+                    // above; `w` holds exactly `k` elements of `dtype` and the
+                    // x row `k` f32, which is what the kernel reads.
+                    out[j * rows + i] =
+                        unsafe { avx2::dot_stored(dtype, &x[i * k..(i + 1) * k], w) };
+                }
+            }
+            return;
+        }
+    }
+    scratch.resize(k, 0.0);
+    for j in 0..nrows {
+        let w = &src[j * k * elem..(j + 1) * k * elem];
+        match dtype {
+            DType::Bf16 => convert_bf16(w, scratch),
+            DType::F16 => convert_f16(w, scratch),
+            _ => convert_f32(w, scratch),
+        }
+        for i in 0..rows {
+            out[j * rows + i] = dot(&x[i * k..(i + 1) * k], scratch);
+        }
+    }
+}
+
+/// Dot products straight from stored weight bytes with AVX2 intrinsics.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use qvl_core::DType;
+    use std::arch::x86_64::*;
+
+    /// `x . w` where `w` holds `x.len()` elements of `dtype` (f32, f16, bf16).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w.len()` must be
+    /// `x.len() * dtype size`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_stored(dtype: DType, x: &[f32], w: &[u8]) -> f32 {
+        let k = x.len();
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // Each step reads 16 elements: two 8-lane halves into two accumulators.
+        while i + 16 <= k {
+            // SAFETY: i + 16 <= k, so x[i..i + 16] and the 16 elements of w
+            // from element i are in bounds; the loads are unaligned loads.
+            unsafe {
+                let (w0, w1) = match dtype {
+                    DType::Bf16 => {
+                        let a = _mm_loadu_si128(wp.add(2 * i) as *const __m128i);
+                        let b = _mm_loadu_si128(wp.add(2 * i + 16) as *const __m128i);
+                        (
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16)),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)),
+                        )
+                    }
+                    DType::F16 => {
+                        let a = _mm_loadu_si128(wp.add(2 * i) as *const __m128i);
+                        let b = _mm_loadu_si128(wp.add(2 * i + 16) as *const __m128i);
+                        (_mm256_cvtph_ps(a), _mm256_cvtph_ps(b))
+                    }
+                    _ => (
+                        _mm256_loadu_ps(wp.add(4 * i) as *const f32),
+                        _mm256_loadu_ps(wp.add(4 * i + 32) as *const f32),
+                    ),
+                };
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), w0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), w1, acc1);
+            }
+            i += 16;
+        }
+        let acc = _mm256_add_ps(acc0, acc1);
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 f32, the size of one AVX register.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        let mut sum: f32 = lanes.iter().sum();
+        let elem = dtype.bytes_for(1);
+        for j in i..k {
+            let b = &w[j * elem..(j + 1) * elem];
+            let wv = match dtype {
+                DType::Bf16 => f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16),
+                DType::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            };
+            sum += x[j] * wv;
+        }
+        sum
+    }
 }
 
 /// [`tile_body`] compiled with AVX2 enabled.
@@ -330,10 +454,34 @@ mod tests {
         for (a, e) in lin.forward(&x, rows).iter().zip(&want) {
             assert!((a - e).abs() < 1e-4, "{a} vs {e}");
         }
-        // Decode shape: one row.
+        // Decode shapes: one and three rows read the stored bytes directly.
         let one = lin.forward(&x[..k], 1);
         for (a, e) in one.iter().zip(&want[..n]) {
             assert!((a - e).abs() < 1e-4);
+        }
+        let three = lin.forward(&x[..3 * k], 3);
+        for (a, e) in three.iter().zip(&want[..3 * n]) {
+            assert!((a - e).abs() < 1e-4);
+        }
+        // f16 weights, both paths.
+        let f16: Vec<u8> = w
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let wr: Vec<f32> = w.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+        let t = StoredTensor::new(
+            "w",
+            DType::F16,
+            vec![n, k],
+            crate::tensor::Bytes::from_vec(f16),
+        )
+        .unwrap();
+        let lin = Linear::new(t, Some(&bias), n, k).unwrap();
+        let want = naive(&x, &wr, &b, rows, n, k);
+        for r in [1, rows] {
+            for (a, e) in lin.forward(&x[..r * k], r).iter().zip(&want[..r * n]) {
+                assert!((a - e).abs() < 1e-4, "{a} vs {e}");
+            }
         }
     }
 }
