@@ -97,8 +97,12 @@ impl HalfFloat {
         }
     }
 
-    /// Converts `values` to 16-bit words (SIMD through `half` where the CPU has F16C).
-    pub(crate) fn to_bits(kind: HalfKind, values: &[f32], words: &mut [u16]) {
+    /// Converts `values` to 16-bit words, round to nearest even (SIMD
+    /// through `half` where the CPU has F16C). Converts as many as the
+    /// shorter of the two slices holds.
+    pub fn to_bits(kind: HalfKind, values: &[f32], words: &mut [u16]) {
+        let n = values.len().min(words.len());
+        let (values, words) = (&values[..n], &mut words[..n]);
         match kind {
             HalfKind::F16 => {
                 let dst: &mut [f16] = words.reinterpret_cast_mut();
@@ -111,7 +115,10 @@ impl HalfFloat {
         }
     }
 
-    pub(crate) fn from_bits(kind: HalfKind, words: &[u16], out: &mut [f32]) {
+    /// Converts 16-bit words back to f32, as many as the shorter slice holds.
+    pub fn from_bits(kind: HalfKind, words: &[u16], out: &mut [f32]) {
+        let n = words.len().min(out.len());
+        let (words, out) = (&words[..n], &mut out[..n]);
         match kind {
             HalfKind::F16 => {
                 let src: &[f16] = words.reinterpret_cast();

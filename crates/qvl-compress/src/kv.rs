@@ -110,24 +110,27 @@ impl KvBlockCodec {
         let (prefix, suffix) = exact_counts(self, tokens, span);
         let middle = tokens - prefix - suffix;
         let row = inner;
-        // Gather the middle and exact tokens of every outer slab.
-        let mut mid = Vec::with_capacity(outer * middle * row);
+        // Gather the middle and exact tokens of every outer slab; with the
+        // token axis first (one slab) the middle is already contiguous.
+        let mut gathered = Vec::new();
         let mut exact = Vec::with_capacity(outer * (prefix + suffix) * row);
         if row > 0 && tokens > 0 {
             for slab in values.chunks_exact(tokens * row) {
                 exact.extend_from_slice(&slab[..prefix * row]);
-                mid.extend_from_slice(&slab[prefix * row..(prefix + middle) * row]);
+                if outer > 1 {
+                    gathered.extend_from_slice(&slab[prefix * row..(prefix + middle) * row]);
+                }
             }
             for slab in values.chunks_exact(tokens * row) {
                 exact.extend_from_slice(&slab[(prefix + middle) * row..]);
             }
         }
-        let (inner_bytes, mut stats) = if middle > 0 && outer > 0 && row > 0 {
-            self.inner.encode_stats(&mid, &[outer, middle, row])?
+        let mid = if outer > 1 {
+            &gathered[..]
         } else {
-            (Vec::new(), ErrStats::default())
+            &values[(prefix * row).min(n)..((prefix + middle) * row).min(n)]
         };
-        let mut bytes = Vec::with_capacity(inner_bytes.len() + 4 * exact.len() + 64);
+        let mut bytes = Vec::with_capacity(64 + 4 * exact.len() + n);
         write_header(&mut bytes, ids::KV_BLOCK, shape);
         bytes.push(self.token_axis as u8);
         bytes.push(match self.exact {
@@ -136,8 +139,17 @@ impl KvBlockCodec {
         });
         bytes.extend_from_slice(&(prefix as u32).to_le_bytes());
         bytes.extend_from_slice(&(suffix as u32).to_le_bytes());
-        bytes.extend_from_slice(&(inner_bytes.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&inner_bytes);
+        // The inner encoding goes straight into this buffer after its length.
+        let len_at = bytes.len();
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        let mut stats = if middle > 0 && outer > 0 && row > 0 {
+            self.inner
+                .encode_stats(mid, &[outer, middle, row], &mut bytes)?
+        } else {
+            ErrStats::default()
+        };
+        let inner_len = (bytes.len() - len_at - 8) as u64;
+        bytes[len_at..len_at + 8].copy_from_slice(&inner_len.to_le_bytes());
         match self.exact {
             ExactStorage::F32 => {
                 put_f32s(&mut bytes, &exact);

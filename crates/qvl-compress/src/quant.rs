@@ -12,8 +12,9 @@
 //! element `j + ceil(len/2)`, so packing is a plain element-wise loop).
 //!
 //! Payload after the common header: `bits u8`, `flags u8` (1 symmetric,
-//! 2 per-channel, 4 f32 parameters), `group_size u32`, the scales, the
-//! minimums (asymmetric only), the codes.
+//! 2 per-channel, 4 f32 parameters), `group_size u32`, the codes, the
+//! scales, the minimums (asymmetric only). Codes come first so that the
+//! encoder writes them in place.
 
 use crate::error::{CompressError, Result};
 use crate::format::{check_len, header_len, rows_cols, write_header, Reader};
@@ -206,7 +207,7 @@ impl GroupQuant {
     }
 
     /// Scale and minimum of a group spanning `[mn, mx]`, rounded to what is stored.
-    #[inline]
+    #[inline(always)]
     fn group_params(&self, mn: f32, mx: f32, f16_params: bool) -> (f32, f32) {
         let qmax = self.bits.max_code();
         if self.symmetric {
@@ -227,12 +228,40 @@ impl GroupQuant {
         }
     }
 
-    /// Encodes and returns the bytes with the error statistics.
+    /// Appends the encoding to `bytes` and returns its error statistics.
     pub(crate) fn encode_stats(
         &self,
         values: &[f32],
         shape: &[usize],
-    ) -> Result<(Vec<u8>, ErrStats)> {
+        bytes: &mut Vec<u8>,
+    ) -> Result<ErrStats> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { self.encode_stats_avx2(values, shape, bytes) };
+        }
+        self.encode_stats_impl(values, shape, bytes)
+    }
+
+    /// The same loops compiled for AVX2 (8 lanes, byte shuffles that SSE2 lacks).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn encode_stats_avx2(
+        &self,
+        values: &[f32],
+        shape: &[usize],
+        bytes: &mut Vec<u8>,
+    ) -> Result<ErrStats> {
+        self.encode_stats_impl(values, shape, bytes)
+    }
+
+    #[inline(always)]
+    fn encode_stats_impl(
+        &self,
+        values: &[f32],
+        shape: &[usize],
+        bytes: &mut Vec<u8>,
+    ) -> Result<ErrStats> {
         let n = check_len(shape, values.len(), "values")?;
         let label = Self::label(self.bits);
         let amax = scan_finite(values, label)?;
@@ -242,43 +271,66 @@ impl GroupQuant {
         let (groups, code_bytes) = layout(self.axis, self.bits, g, geo);
         let mut scales = Vec::with_capacity(groups);
         let mut mins = Vec::with_capacity(if self.symmetric { 0 } else { groups });
-        let mut codes = vec![0u8; code_bytes];
+        let width = if f16_params { 2 } else { 4 };
+        let params = if self.symmetric { groups } else { 2 * groups };
+        bytes.reserve(header_len(shape.len()) + 6 + code_bytes + width * params);
+        write_header(bytes, Self::id_of(self.bits), shape);
+        bytes.push(self.bits.bits() as u8);
+        bytes.push(self.flags(!f16_params));
+        bytes.extend_from_slice(&(g as u32).to_le_bytes());
+        // The codes are written in place; the parameters follow them.
+        let codes_start = bytes.len();
+        bytes.resize(codes_start + code_bytes, 0);
+        let codes = &mut bytes[codes_start..];
         let mut stats = ErrStats::default();
         let mut lanes = ErrLanes::default();
         let qmax = self.bits.max_code();
         if n > 0 {
             match self.axis {
                 QuantAxis::PerToken => {
-                    let mut scratch = vec![0u8; g];
+                    // Parameters are spread over the row so that one
+                    // vectorized loop quantizes the whole row.
+                    let cols = geo.cols;
+                    let mut lov = vec![0f32; cols];
+                    let mut sv = vec![0f32; cols];
+                    let mut invv = vec![0f32; cols];
+                    let mut qrow = vec![
+                        0u8;
+                        if self.bits == QuantBits::Int4 {
+                            cols
+                        } else {
+                            0
+                        }
+                    ];
                     let mut at = 0;
-                    for row in values.chunks_exact(geo.cols) {
-                        for grp in row.chunks(g) {
+                    for row in values.chunks_exact(cols) {
+                        for (((grp, l), sc), iv) in row
+                            .chunks(g)
+                            .zip(lov.chunks_mut(g))
+                            .zip(sv.chunks_mut(g))
+                            .zip(invv.chunks_mut(g))
+                        {
                             let (mn, mx) = min_max(grp);
                             let (s, lo) = self.group_params(mn, mx, f16_params);
                             scales.push(s);
                             if !self.symmetric {
                                 mins.push(lo);
                             }
-                            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                            let len = grp.len();
-                            match self.bits {
-                                QuantBits::Int8 => {
-                                    quantize_scalar(
-                                        grp,
-                                        lo,
-                                        s,
-                                        inv,
-                                        qmax,
-                                        &mut codes[at..at + len],
-                                        &mut lanes,
-                                    );
-                                    at += len;
-                                }
-                                QuantBits::Int4 => {
-                                    let q = &mut scratch[..len];
-                                    quantize_scalar(grp, lo, s, inv, qmax, q, &mut lanes);
-                                    let packed = len.div_ceil(2);
-                                    pack_halves(q, &mut codes[at..at + packed]);
+                            l.fill(lo);
+                            sc.fill(s);
+                            iv.fill(if s > 0.0 { 1.0 / s } else { 0.0 });
+                        }
+                        match self.bits {
+                            QuantBits::Int8 => {
+                                let q = &mut codes[at..at + cols];
+                                quantize_vector(row, &lov, &sv, &invv, qmax, q, &mut lanes);
+                                at += cols;
+                            }
+                            QuantBits::Int4 => {
+                                quantize_vector(row, &lov, &sv, &invv, qmax, &mut qrow, &mut lanes);
+                                for grp in qrow.chunks(g) {
+                                    let packed = grp.len().div_ceil(2);
+                                    pack_halves(grp, &mut codes[at..at + packed]);
                                     at += packed;
                                 }
                             }
@@ -347,29 +399,48 @@ impl GroupQuant {
                 }
             }
         }
-        let width = if f16_params { 2 } else { 4 };
-        let mut bytes = Vec::with_capacity(
-            header_len(shape.len()) + 6 + width * (scales.len() + mins.len()) + codes.len(),
-        );
-        write_header(&mut bytes, Self::id_of(self.bits), shape);
-        bytes.push(self.bits.bits() as u8);
-        bytes.push(self.flags(!f16_params));
-        bytes.extend_from_slice(&(g as u32).to_le_bytes());
         for list in [&scales, &mins] {
-            for &v in list.iter() {
-                if f16_params {
-                    bytes.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
-                } else {
-                    bytes.extend_from_slice(&v.to_le_bytes());
+            if f16_params {
+                let mut words = vec![0u16; list.len()];
+                crate::float::HalfFloat::to_bits(crate::float::HalfKind::F16, list, &mut words);
+                for w in words {
+                    bytes.extend_from_slice(&w.to_le_bytes());
                 }
+            } else {
+                crate::format::put_f32s(bytes, list);
             }
         }
-        bytes.extend_from_slice(&codes);
-        Ok((bytes, stats))
+        Ok(stats)
     }
 
     /// Decodes int8 or int4 bytes; every parameter comes from the bytes.
     pub(crate) fn decode_bytes(
+        id: CodecId,
+        bytes: &[u8],
+        shape: &[usize],
+        out: &mut [f32],
+    ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { Self::decode_bytes_avx2(id, bytes, shape, out) };
+        }
+        Self::decode_bytes_impl(id, bytes, shape, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn decode_bytes_avx2(
+        id: CodecId,
+        bytes: &[u8],
+        shape: &[usize],
+        out: &mut [f32],
+    ) -> Result<()> {
+        Self::decode_bytes_impl(id, bytes, shape, out)
+    }
+
+    #[inline(always)]
+    fn decode_bytes_impl(
         id: CodecId,
         bytes: &[u8],
         shape: &[usize],
@@ -402,6 +473,7 @@ impl GroupQuant {
         let geo = Geometry::of(shape, n);
         let (groups, code_bytes) = layout(axis, bits, g, geo);
         let width = if flags & FLAG_F32_PARAMS != 0 { 4 } else { 2 };
+        let codes = r.take(code_bytes)?;
         let scales = read_params(r.take_items(groups, width)?, width);
         let mins = if q.symmetric {
             let half_codes = (1u32 << (bits.bits() - 1)) as f32;
@@ -409,7 +481,6 @@ impl GroupQuant {
         } else {
             read_params(r.take_items(groups, width)?, width)
         };
-        let codes = r.take(code_bytes)?;
         r.finish()?;
         if n == 0 {
             return Ok(());
@@ -502,7 +573,8 @@ impl Codec for GroupQuant {
     }
 
     fn encode(&self, values: &[f32], shape: &[usize]) -> qvl_core::Result<Encoded> {
-        let (bytes, stats) = self.encode_stats(values, shape)?;
+        let mut bytes = Vec::new();
+        let stats = self.encode_stats(values, shape, &mut bytes)?;
         Ok(Encoded {
             codec: self.id(),
             shape: shape.to_vec(),
@@ -516,6 +588,7 @@ impl Codec for GroupQuant {
     }
 }
 
+#[inline(always)]
 fn read_params(bytes: &[u8], width: usize) -> Vec<f32> {
     if width == 2 {
         bytes
@@ -531,7 +604,32 @@ fn read_params(bytes: &[u8], width: usize) -> Vec<f32> {
 }
 
 /// Smallest f16 not below `x` (x finite, within f16 range).
+#[inline(always)]
 fn f16_up(x: f32) -> f32 {
+    let a = x.abs();
+    if (F16_NORMAL_MIN..=F16_MAX).contains(&a) {
+        // Normal f16 range: f16 numbers are the f32 numbers whose low 13
+        // mantissa bits are zero, so rounding is a mask.
+        let bits = x.to_bits();
+        let rounded = if x > 0.0 {
+            if bits & 0x1fff != 0 {
+                (bits | 0x1fff) + 1
+            } else {
+                bits
+            }
+        } else {
+            bits & !0x1fff
+        };
+        return f32::from_bits(rounded);
+    }
+    f16_up_slow(x)
+}
+
+const F16_NORMAL_MIN: f32 = 6.103_515_6e-5;
+const F16_MAX: f32 = 65_504.0;
+
+#[inline(never)]
+fn f16_up_slow(x: f32) -> f32 {
     let h = f16::from_f32(x);
     if h.to_f32() >= x {
         return h.to_f32();
@@ -548,11 +646,12 @@ fn f16_up(x: f32) -> f32 {
 }
 
 /// Largest f16 not above `x`.
+#[inline(always)]
 fn f16_down(x: f32) -> f32 {
     -f16_up(-x)
 }
 
-#[inline]
+#[inline(always)]
 fn min_max(x: &[f32]) -> (f32, f32) {
     let mut mn = [f32::INFINITY; LANES];
     let mut mx = [f32::NEG_INFINITY; LANES];
@@ -576,6 +675,7 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 }
 
 /// Per-column minimum and maximum of the rows of `tile`.
+#[inline(always)]
 fn column_min_max(tile: &[f32], cols: usize, mn: &mut [f32], mx: &mut [f32]) {
     let mut rows = tile.chunks_exact(cols);
     if let Some(first) = rows.next() {
@@ -600,35 +700,8 @@ fn code_of(x: f32, lo: f32, inv: f32, qmax: f32) -> (f32, u8) {
     (m - ROUND_MAGIC, (m.to_bits() & 0xff) as u8)
 }
 
-/// Quantizes a group sharing one scale; accumulates the error.
-#[inline]
-fn quantize_scalar(
-    x: &[f32],
-    lo: f32,
-    s: f32,
-    inv: f32,
-    qmax: f32,
-    q: &mut [u8],
-    acc: &mut ErrLanes,
-) {
-    let mut xc = x.chunks_exact(LANES);
-    let mut qc = q.chunks_exact_mut(LANES);
-    for (xs, qs) in (&mut xc).zip(&mut qc) {
-        for i in 0..LANES {
-            let (r, code) = code_of(xs[i], lo, inv, qmax);
-            qs[i] = code;
-            acc.add(i, xs[i], xs[i] - (r * s + lo));
-        }
-    }
-    for (i, (&xv, qv)) in xc.remainder().iter().zip(qc.into_remainder()).enumerate() {
-        let (r, code) = code_of(xv, lo, inv, qmax);
-        *qv = code;
-        acc.add(i, xv, xv - (r * s + lo));
-    }
-}
-
 /// Quantizes a row with one scale per column; accumulates the error.
-#[inline]
+#[inline(always)]
 fn quantize_vector(
     x: &[f32],
     lo: &[f32],
@@ -645,38 +718,34 @@ fn quantize_vector(
         .min(inv.len())
         .min(q.len());
     let (x, lo, s, inv, q) = (&x[..n], &lo[..n], &s[..n], &inv[..n], &mut q[..n]);
-    let mut xc = x.chunks_exact(LANES);
-    let mut lc = lo.chunks_exact(LANES);
-    let mut sc = s.chunks_exact(LANES);
-    let mut ic = inv.chunks_exact(LANES);
-    let mut qc = q.chunks_exact_mut(LANES);
-    for ((((xs, ls), ss), is), qs) in (&mut xc)
-        .zip(&mut lc)
-        .zip(&mut sc)
-        .zip(&mut ic)
-        .zip(&mut qc)
-    {
+    let mut lanes = ErrLanes::default();
+    let full = n - n % LANES;
+    let mut b = 0;
+    while b < full {
+        let (xs, ls, ss, is) = (
+            &x[b..b + LANES],
+            &lo[b..b + LANES],
+            &s[b..b + LANES],
+            &inv[b..b + LANES],
+        );
+        let qs = &mut q[b..b + LANES];
         for i in 0..LANES {
             let (r, code) = code_of(xs[i], ls[i], is[i], qmax);
             qs[i] = code;
-            acc.add(i, xs[i], xs[i] - (r * ss[i] + ls[i]));
+            lanes.add(i, xs[i], xs[i] - (r * ss[i] + ls[i]));
         }
+        b += LANES;
     }
-    let rest = xc
-        .remainder()
-        .iter()
-        .zip(lc.remainder())
-        .zip(sc.remainder())
-        .zip(ic.remainder());
-    for (i, ((((&xv, &l), &sv), &iv), qv)) in rest.zip(qc.into_remainder()).enumerate() {
-        let (r, code) = code_of(xv, l, iv, qmax);
-        *qv = code;
-        acc.add(i, xv, xv - (r * sv + l));
+    for i in full..n {
+        let (r, code) = code_of(x[i], lo[i], inv[i], qmax);
+        q[i] = code;
+        lanes.add(i - full, x[i], x[i] - (r * s[i] + lo[i]));
     }
+    acc.absorb(&lanes);
 }
 
 /// Packs codes `j` and `j + ceil(len/2)` into byte `j`.
-#[inline]
+#[inline(always)]
 fn pack_halves(q: &[u8], out: &mut [u8]) {
     let h = q.len().div_ceil(2);
     let (a, b) = q.split_at(h);
@@ -691,6 +760,7 @@ fn pack_halves(q: &[u8], out: &mut [u8]) {
 }
 
 /// Packs row `i` and row `i + ceil(rows/2)` of a `[rows, cols]` code tile.
+#[inline(always)]
 fn pack_row_halves(q: &[u8], cols: usize, rows: usize, out: &mut [u8]) {
     let h = rows.div_ceil(2);
     let (a, b) = q.split_at(h * cols);
@@ -709,21 +779,21 @@ fn pack_row_halves(q: &[u8], cols: usize, rows: usize, out: &mut [u8]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_scalar(q: &[u8], lo: f32, s: f32, out: &mut [f32]) {
     for (o, &c) in out.iter_mut().zip(q) {
         *o = c as f32 * s + lo;
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dequantize_vector(q: &[u8], lo: &[f32], s: &[f32], out: &mut [f32]) {
     for (((o, &c), &l), &sv) in out.iter_mut().zip(q).zip(lo).zip(s) {
         *o = c as f32 * sv + l;
     }
 }
 
-#[inline]
+#[inline(always)]
 fn unpack_halves(q: &[u8], lo: f32, s: f32, out: &mut [f32]) {
     let h = out.len().div_ceil(2);
     let (a, b) = out.split_at_mut(h);
@@ -738,6 +808,7 @@ fn unpack_halves(q: &[u8], lo: f32, s: f32, out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn unpack_row_halves(q: &[u8], lo: &[f32], s: &[f32], cols: usize, rows: usize, out: &mut [f32]) {
     let h = rows.div_ceil(2);
     let (a, b) = out.split_at_mut(h * cols);

@@ -90,7 +90,22 @@ impl ErrLanes {
         };
     }
 
+    /// Adds another set of lanes into these.
+    #[inline(always)]
+    pub(crate) fn absorb(&mut self, other: &ErrLanes) {
+        for i in 0..LANES {
+            self.diff2[i] += other.diff2[i];
+            self.norm2[i] += other.norm2[i];
+            self.max_abs[i] = if other.max_abs[i] > self.max_abs[i] {
+                other.max_abs[i]
+            } else {
+                self.max_abs[i]
+            };
+        }
+    }
+
     /// Moves the lanes into an [`ErrStats`] and zeroes them.
+    #[inline(always)]
     pub(crate) fn flush(&mut self) -> ErrStats {
         let mut s = ErrStats::default();
         for i in 0..LANES {
@@ -104,6 +119,7 @@ impl ErrLanes {
 }
 
 /// Largest |x|; fails on the first NaN or infinity.
+#[inline(always)]
 pub(crate) fn scan_finite(values: &[f32], codec: &'static str) -> Result<f32> {
     let mut amax = [0f32; LANES];
     let mut bad = [0u32; LANES];
