@@ -362,19 +362,19 @@ impl PagedKvCache {
                 while s_done < count {
                     let c = (count - s_done).min(scores.len());
                     let mut cmax = f32::NEG_INFINITY;
-                    for t in 0..c {
+                    for (t, score) in scores[..c].iter_mut().enumerate() {
                         let slot = s_done + t;
                         let k = &view.keys[slot * w + kvh * hd..slot * w + (kvh + 1) * hd];
-                        scores[t] = dot(q, k) * scale;
-                        cmax = cmax.max(scores[t]);
+                        *score = dot(q, k) * scale;
+                        cmax = cmax.max(*score);
                     }
                     let new_max = max.max(cmax);
                     let corr = (max - new_max).exp();
                     sum *= corr;
                     o.iter_mut().for_each(|v| *v *= corr);
-                    for t in 0..c {
+                    for (t, score) in scores[..c].iter().enumerate() {
                         let slot = s_done + t;
-                        let p = (scores[t] - new_max).exp();
+                        let p = (score - new_max).exp();
                         sum += p;
                         let v = &view.values[slot * w + kvh * hd..slot * w + (kvh + 1) * hd];
                         for (ov, vv) in o.iter_mut().zip(v) {

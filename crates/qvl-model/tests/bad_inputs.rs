@@ -1,5 +1,8 @@
 //! Malformed checkpoints give errors that name the file and the tensor.
 
+// Test helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
 use qvl_model::{ModelError, Qwen3VlModel};
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,9 @@
 //! from Rust as sharded bf16 safetensors: it must load and run, and the
 //! batched prefill must agree with token-by-token decoding.
 
+// Test helpers outside #[test] functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
 use qvl_core::DType;
 use qvl_model::checkpoint::write_safetensors;
 use qvl_model::random::{qwen3vl_tensor_shapes, random_weights};
