@@ -5,6 +5,8 @@
 //! `<out>/<phase>.json` and prints it as a table.
 #![deny(missing_docs)]
 
+mod compress;
+
 use anyhow::{bail, Context, Result};
 use qvl_core::bench::BenchReport;
 use std::path::PathBuf;
@@ -27,7 +29,7 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("model", "prefill and decode tokens/s against the memory-bandwidth bound", None),
     ("pool", "allocation time and reserved memory against the system allocator", None),
     ("cache", "hit ratio on the Mooncake trace against LRU and Belady", None),
-    ("compress", "KV compression ratio, error and codec GB/s", None),
+    ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
     ("swap", "long-context decode throughput with KV swapped to SSD", None),
     ("tier", "tokens/s with weights streamed under RAM budgets", None),
     ("gc", "peak reserved memory against the offline optimum", None),
