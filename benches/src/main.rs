@@ -5,7 +5,7 @@
 //! `<out>/<phase>.json` and prints it as a table.
 #![deny(missing_docs)]
 
-mod compress;
+mod cache;
 
 use anyhow::{bail, Context, Result};
 use qvl_core::bench::BenchReport;
@@ -28,8 +28,8 @@ type PhaseFn = fn(&BenchOptions) -> Result<BenchReport>;
 const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("model", "prefill and decode tokens/s against the memory-bandwidth bound", None),
     ("pool", "allocation time and reserved memory against the system allocator", None),
-    ("cache", "hit ratio on the Mooncake trace against LRU and Belady", None),
-    ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
+    ("cache", "hit ratio on the Mooncake trace against LRU and Belady", Some(cache::run)),
+    ("compress", "KV compression ratio, error and codec GB/s", None),
     ("swap", "long-context decode throughput with KV swapped to SSD", None),
     ("tier", "tokens/s with weights streamed under RAM budgets", None),
     ("gc", "peak reserved memory against the offline optimum", None),

@@ -10,11 +10,16 @@
 //! - [`HostStore`]: the host-memory block store.
 //! - [`policy`]: LRU, LFU, ARC, S3-FIFO, the predictive policy, and Belady's
 //!   offline optimum for benchmarks.
-//! - [`trace`]: Mooncake trace parsing and replay ([`trace::replay`]).
+//! - [`trace`]: Mooncake trace parsing and replay ([`trace::replay`]);
+//!   [`synthetic`]: a generated multi-turn chat workload in the same format.
 //!
 //! This crate depends on `qvl-core` and external crates only.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 mod config;
 mod error;
@@ -22,6 +27,7 @@ mod keymap;
 mod list;
 pub mod policy;
 mod store;
+pub mod synthetic;
 mod tiered;
 pub mod trace;
 

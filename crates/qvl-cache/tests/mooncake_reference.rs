@@ -47,3 +47,18 @@ fn replay_from_a_path_matches_the_library_replay() {
     assert_eq!(stats.hits, 15_080);
     assert_eq!(stats.policy, "lru");
 }
+
+#[test]
+fn predictive_beats_lru_by_a_third_at_one_percent() {
+    let trace = Trace::load(trace_path()).unwrap();
+    let accesses = trace.accesses();
+    let capacity = capacity_for_fraction(trace.unique_blocks(), 0.01);
+    let lru = replay_accesses(&accesses, PolicyKind::Lru.into(), capacity).unwrap();
+    let predictive = replay_accesses(&accesses, PolicyKind::Predictive.into(), capacity).unwrap();
+    assert!(
+        predictive.hit_ratio() >= 1.3 * lru.hit_ratio(),
+        "predictive {} vs LRU {}",
+        predictive.hit_ratio(),
+        lru.hit_ratio()
+    );
+}

@@ -13,17 +13,21 @@
 //!   the history of the chain it continues (its parent's read count), which
 //!   tells a new conversation from the n-th turn of an old one.
 //!
-//! For each class it learns online, from the hits and evictions it observes,
-//! how likely a block of a given age is to be read again and how long it
-//! will occupy its slot until then. The ratio, expected hits per slot-tick,
-//! is the block's hit density; eviction removes the candidate with the
-//! lowest. Nothing about the future is used: only past accesses and the
-//! structure visible at access time.
+//! For each class it learns online the hazard of a reuse at each age: reuses
+//! seen at that age (while resident, or as a ghost coming back) over the
+//! block-ticks that tracked blocks of the class spent at that age. Blocks are
+//! tracked while resident and, after eviction, as ghosts; exposure is
+//! credited as it accrues, so long reuse gaps are not under-counted. From the
+//! hazard it derives, for a block of a given age, the best ratio of expected
+//! reuses to expected slot-ticks over any horizon it could be kept for: its
+//! hit density. Eviction removes the candidate with the lowest. Nothing about
+//! the future is used: only past accesses and the structure visible at access
+//! time.
 //!
 //! Cost per operation is O(1): a fixed number of candidates is compared at
-//! eviction (a random sample plus the oldest and newest block of each
-//! class), and the density tables are rebuilt every few thousand accesses in
-//! time proportional to their (fixed) size.
+//! eviction (a random sample plus the oldest block of each class), and the
+//! tables are rebuilt about once per level-size of accesses, in time
+//! proportional to the tracked keys and the (fixed) table size.
 
 use crate::keymap::KeyMap;
 use crate::list::KeyList;
@@ -41,20 +45,37 @@ const DECAY: f64 = 0.9;
 /// Rebuild the density tables at least this often, in accesses.
 const MIN_REBUILD_INTERVAL: u64 = 4096;
 /// Ghost entries remembered per block the level has held at once.
-const GHOSTS_PER_BLOCK: usize = 4;
+const GHOSTS_PER_BLOCK: usize = 8;
 
 /// Read-count buckets: 0 (first access), 1, 2, 3-4, 5-8, 9+.
 const FREQ_BUCKETS: usize = 6;
-/// Buckets of the last reuse gap: a quarter of a doubling-of-doubling scale
-/// (gap < 4, < 16, < 64, ... ), 8 of them.
+/// Buckets of the last reuse gap, log4 scale (< 4, < 16, < 64, ...).
 const GAP_BUCKETS: usize = 8;
 /// Parent read-count buckets for first accesses: no parent known, then the
 /// read-count buckets 1.. of the parent.
 const ORIGIN_BUCKETS: usize = FREQ_BUCKETS;
 /// Classes: partial blocks, first accesses by origin, reread blocks by read
 /// count and last gap.
-const CLASSES: usize = 1 + ORIGIN_BUCKETS + (FREQ_BUCKETS - 1) * GAP_BUCKETS;
+const CLASSES: usize =
+    FIRST_CHAIN_CLASS + ORIGIN_BUCKETS * POSITION_BUCKETS + (FREQ_BUCKETS - 1) * GAP_BUCKETS;
+/// Position buckets for first accesses, log2 scale: blocks deep in a long
+/// prompt are shared by fewer later requests than blocks near its start.
+const POSITION_BUCKETS: usize = 8;
+
+fn position_bucket(position: u32) -> usize {
+    ((32 - position.leading_zeros()) as usize).min(POSITION_BUCKETS - 1)
+}
 const PARTIAL_CLASS: usize = 0;
+/// Blocks on a superseded branch: a later request read their parent and went
+/// on to another child (the conversation continued differently).
+const SUPERSEDED_CLASS: usize = 1;
+const FIRST_CHAIN_CLASS: usize = 2;
+/// A parent that has switched children this often is a shared prefix (a
+/// system prompt under many conversations): switching again supersedes nothing.
+const HUB_SWITCHES: u8 = 2;
+/// Longest branch walked when marking a superseded branch (bounds the worst
+/// case; the walk stops earlier at blocks no longer tracked).
+const MAX_SUPERSEDE_WALK: usize = 4096;
 
 fn freq_bucket(reads: u32) -> usize {
     match reads {
@@ -68,7 +89,6 @@ fn freq_bucket(reads: u32) -> usize {
 }
 
 fn gap_bucket(gap: u64) -> usize {
-    // log4 of the gap.
     ((64 - gap.leading_zeros() as usize) / 2).min(GAP_BUCKETS - 1)
 }
 
@@ -82,61 +102,140 @@ fn age_bucket(age: u64) -> usize {
 }
 
 /// The first age of a bucket.
-fn bucket_start_age(bucket: usize) -> f64 {
+fn bucket_start(bucket: usize) -> u64 {
     if bucket < 16 {
-        return bucket as f64;
+        return bucket as u64;
     }
     let exp = 4 + (bucket - 16) / 4;
     let sub = ((bucket - 16) % 4) as u64;
-    ((4 + sub) << (exp - 2)) as f64
+    (4 + sub) << (exp - 2)
 }
 
-/// The age in the middle of a bucket.
-fn bucket_mid_age(bucket: usize) -> f64 {
-    if bucket + 1 >= AGE_BUCKETS {
-        return bucket_start_age(bucket);
+/// The first age past a bucket.
+fn bucket_end(bucket: usize) -> u64 {
+    if bucket + 1 < AGE_BUCKETS {
+        bucket_start(bucket + 1)
+    } else {
+        u64::MAX
     }
-    (bucket_start_age(bucket) + bucket_start_age(bucket + 1) - 1.0) / 2.0
 }
 
+/// Per-class statistics, as decayed sums per age bucket.
+#[derive(Clone)]
+struct ClassStats {
+    /// Reuses observed at each age.
+    reuses: [f64; AGE_BUCKETS],
+    /// Block-ticks tracked blocks spent at each age (folded in at rebuild).
+    exposure: [f64; AGE_BUCKETS],
+    /// Lives that spanned whole buckets, as a difference array over buckets
+    /// (+1 where a span starts, -1 past its end), so that crediting a span is
+    /// O(1) however many buckets it covers.
+    whole_spans: [f64; AGE_BUCKETS + 1],
+    /// Reuses that hit (not decayed), for [`Predictive::describe`].
+    resident_reuses: u64,
+    /// Reuses that came back after eviction (not decayed).
+    ghost_reuses: u64,
+}
+
+impl ClassStats {
+    fn new() -> Self {
+        ClassStats {
+            reuses: [0.0; AGE_BUCKETS],
+            exposure: [0.0; AGE_BUCKETS],
+            whole_spans: [0.0; AGE_BUCKETS + 1],
+            resident_reuses: 0,
+            ghost_reuses: 0,
+        }
+    }
+
+    /// Credits the ticks of ages [from, to) to their buckets: the partial
+    /// buckets at both ends directly, the whole ones between as a span.
+    fn credit(&mut self, from: u64, to: u64) {
+        if to <= from {
+            return;
+        }
+        let first = age_bucket(from);
+        let last = age_bucket(to - 1);
+        if first == last {
+            self.exposure[first] += (to - from) as f64;
+            return;
+        }
+        self.exposure[first] += (bucket_end(first) - from) as f64;
+        self.exposure[last] += (to - bucket_start(last)) as f64;
+        if last > first + 1 {
+            self.whole_spans[first + 1] += 1.0;
+            self.whole_spans[last] -= 1.0;
+        }
+    }
+
+    /// Adds the whole-bucket spans to the exposure.
+    fn fold_spans(&mut self) {
+        let mut open = 0.0;
+        for b in 0..AGE_BUCKETS {
+            open += self.whole_spans[b];
+            if open != 0.0 {
+                self.exposure[b] += open * (bucket_end(b) - bucket_start(b)) as f64;
+            }
+            self.whole_spans[b] = 0.0;
+        }
+        self.whole_spans[AGE_BUCKETS] = 0.0;
+    }
+}
+
+/// Where a tracked block is in its life: class, latest access, exposure
+/// credited so far.
 #[derive(Clone, Copy)]
-struct Entry {
+struct Life {
     /// Tick of the latest access.
     last: u64,
-    /// Index in `resident`.
-    slot: u32,
+    /// Age up to which exposure has been credited.
+    credited: u64,
     /// Reads so far (accesses after the first).
     reads: u32,
     class: u8,
     /// Read-count bucket of the chain this block continues, passed down
     /// through blocks first seen together.
     origin: u8,
+    /// Times the child read after this block changed.
+    child_switches: u8,
+    /// The block before it in its chain.
+    parent: Option<BlockKey>,
+    /// The child read after it most recently.
+    last_child: Option<BlockKey>,
+}
+
+/// A resident key as the eviction scan sees it.
+#[derive(Clone, Copy)]
+struct Slot {
+    key: BlockKey,
+    last: u64,
+    class: u8,
 }
 
 #[derive(Clone, Copy)]
-struct Ghost {
-    last: u64,
-    reads: u32,
-    class: u8,
-    origin: u8,
+struct Entry {
+    life: Life,
+    /// Index in `resident`.
+    slot: u32,
 }
 
 /// Hit-density eviction over learned classes; see the module docs.
 pub struct Predictive {
     tick: u64,
     entries: KeyMap<Entry>,
-    /// Resident keys, for uniform sampling.
-    resident: Vec<BlockKey>,
-    /// Resident keys per class, most recently accessed first.
-    class_lists: Vec<KeyList<()>>,
-    ghosts: KeyMap<Ghost>,
+    /// Resident keys with what scoring needs, for uniform sampling without
+    /// map lookups.
+    resident: Vec<Slot>,
+    /// Resident keys per class, most recently accessed first, with the tick
+    /// of their latest access.
+    class_lists: Vec<KeyList<u64>>,
+    /// Evicted keys still tracked, oldest first in `ghost_order`.
+    ghosts: KeyMap<Life>,
     ghost_order: VecDeque<(BlockKey, u64)>,
     high_water: usize,
     /// Largest block seen per tensor kind: a smaller block is partial.
     full_bytes: [u64; TensorKind::ALL.len()],
-    hits: Vec<[f64; AGE_BUCKETS]>,
-    /// Blocks whose ghost expired unread, by class and age at expiry.
-    deaths: Vec<[f64; AGE_BUCKETS]>,
+    stats: Vec<ClassStats>,
     density: Vec<[f64; AGE_BUCKETS]>,
     next_rebuild: u64,
     rebuilds: u32,
@@ -161,8 +260,7 @@ impl Predictive {
             ghost_order: VecDeque::new(),
             high_water: 0,
             full_bytes: [0; TensorKind::ALL.len()],
-            hits: vec![[0.0; AGE_BUCKETS]; CLASSES],
-            deaths: vec![[0.0; AGE_BUCKETS]; CLASSES],
+            stats: vec![ClassStats::new(); CLASSES],
             density: vec![[0.0; AGE_BUCKETS]; CLASSES],
             next_rebuild: 64,
             rebuilds: 0,
@@ -170,20 +268,21 @@ impl Predictive {
         }
     }
 
-    fn class_of(reads: u32, gap: u64, origin: u8) -> usize {
+    /// The class of a block with `reads` reads and the latest `gap` between
+    /// two of them; for a first access, by its chain's `origin` (the
+    /// parent's read-count bucket) and its position.
+    fn class_of(reads: u32, gap: u64, origin: u8, position: u32) -> usize {
         let f = freq_bucket(reads);
         if f == 0 {
-            1 + usize::from(origin).min(ORIGIN_BUCKETS - 1)
+            FIRST_CHAIN_CLASS
+                + usize::from(origin).min(ORIGIN_BUCKETS - 1) * POSITION_BUCKETS
+                + position_bucket(position)
         } else {
-            1 + ORIGIN_BUCKETS + (f - 1) * GAP_BUCKETS + gap_bucket(gap)
+            FIRST_CHAIN_CLASS
+                + ORIGIN_BUCKETS * POSITION_BUCKETS
+                + (f - 1) * GAP_BUCKETS
+                + gap_bucket(gap)
         }
-    }
-
-    fn set_class(&mut self, key: BlockKey, old: Option<usize>, new: usize) {
-        if let Some(old) = old {
-            self.class_lists[old].remove(&key);
-        }
-        self.class_lists[new].push_front(key, ());
     }
 
     fn advance(&mut self) {
@@ -193,52 +292,75 @@ impl Predictive {
         }
     }
 
-    /// Recomputes every class's density by age from the decayed reuse
-    /// histograms. For a block of age a, keeping it until age h at most
-    /// earns the reads that fall in [a, h) and costs the slot-ticks until
-    /// its read or h; the density is the best ratio over h (so a class
-    /// whose reads come late is not judged by its dead early ages).
+    /// Ends a life with a reuse at its current age: credits the rest of its
+    /// exposure and counts the reuse.
+    fn record_reuse(stats: &mut [ClassStats], life: &Life, now: u64) {
+        let age = now - life.last;
+        let s = &mut stats[life.class as usize];
+        // The tick of the reuse itself was spent at risk too.
+        s.credit(life.credited, age + 1);
+        s.reuses[age_bucket(age)] += 1.0;
+    }
+
+    /// Credits accrued exposure of every tracked block, then recomputes each
+    /// class's density by age: for a block of age a, keeping it until age h
+    /// at most earns the expected reuses in [a, h) and costs the expected
+    /// slot-ticks until its reuse or h; the density is the best ratio over h
+    /// (so a class whose reuses come late is not judged by its quiet early
+    /// ages).
     fn rebuild(&mut self) {
-        let mids: [f64; AGE_BUCKETS] = std::array::from_fn(bucket_mid_age);
-        let ends: [f64; AGE_BUCKETS] = std::array::from_fn(|b| {
-            if b + 1 < AGE_BUCKETS {
-                bucket_start_age(b + 1)
-            } else {
-                bucket_start_age(b) * 2.0
-            }
-        });
+        let now = self.tick;
+        let stats = &mut self.stats;
+        for life in self
+            .entries
+            .values_mut()
+            .map(|e| &mut e.life)
+            .chain(self.ghosts.values_mut())
+        {
+            let age = now - life.last;
+            stats[life.class as usize].credit(life.credited, age);
+            life.credited = age;
+        }
         for class in 0..CLASSES {
-            let (hits, deaths) = (&mut self.hits[class], &mut self.deaths[class]);
-            let events: [f64; AGE_BUCKETS] = std::array::from_fn(|b| hits[b] + deaths[b]);
-            let total: f64 = events.iter().sum();
-            let density = &mut self.density[class];
-            let mut alive_from = total;
-            for a in 0..AGE_BUCKETS {
-                let start = mids[a];
-                let (mut reads, mut ticks, mut alive) = (0.0, 0.0, alive_from);
+            let s = &mut self.stats[class];
+            s.fold_spans();
+            // Per bucket: chance of a reuse for a block entering it, and
+            // expected ticks spent in it.
+            let mut p_reuse = [0.0f64; AGE_BUCKETS];
+            let mut ticks = [0.0f64; AGE_BUCKETS];
+            let mut known = AGE_BUCKETS;
+            for b in 0..AGE_BUCKETS {
+                if s.exposure[b] < 1.0 {
+                    known = b;
+                    break;
+                }
+                let width = (bucket_end(b) - bucket_start(b)) as f64;
+                let hazard = s.reuses[b] / s.exposure[b];
+                let p = 1.0 - (-hazard * width).exp();
+                p_reuse[b] = p;
+                ticks[b] = if hazard > 0.0 { p / hazard } else { width };
+            }
+            for (a, density) in self.density[class].iter_mut().enumerate() {
+                let (mut reads, mut cost, mut alive) = (0.0, 0.0, 1.0);
                 let mut best = 0.0f64;
-                for h in a..AGE_BUCKETS {
-                    reads += hits[h];
-                    ticks += events[h] * (mids[h] - start).max(0.0) + 1.0 * events[h];
-                    alive -= events[h];
-                    if alive < 0.0 {
-                        alive = 0.0;
-                    }
-                    let cost = ticks + alive * (ends[h] - start);
+                for (p, t) in p_reuse[a.min(known)..known]
+                    .iter()
+                    .zip(&ticks[a.min(known)..known])
+                {
+                    reads += alive * p;
+                    cost += alive * t;
+                    alive *= 1.0 - p;
                     if cost > 0.0 {
                         best = best.max(reads / cost);
                     }
-                    if alive <= 0.0 {
+                    if alive < 1e-6 {
                         break;
                     }
                 }
-                density[a] = best;
-                alive_from -= events[a];
+                *density = best;
             }
-            for b in 0..AGE_BUCKETS {
-                hits[b] *= DECAY;
-                deaths[b] *= DECAY;
-            }
+            s.reuses.iter_mut().for_each(|r| *r *= DECAY);
+            s.exposure.iter_mut().for_each(|e| *e *= DECAY);
         }
         // Learn fast at first (64, 128, 256, ... ticks), then settle to
         // rebuilding about once per level's worth of accesses.
@@ -248,22 +370,91 @@ impl Predictive {
         self.next_rebuild = self.tick + warmup.min(steady);
     }
 
+    /// The tracked life of `key`, resident or ghost.
+    fn life_mut(&mut self, key: &BlockKey) -> Option<&mut Life> {
+        match self.entries.get_mut(key) {
+            Some(e) => Some(&mut e.life),
+            None => self.ghosts.get_mut(key),
+        }
+    }
+
+    /// `child` was read after `parent`. When the parent's previous child
+    /// differs and the parent is no shared hub, the previous child's branch
+    /// was not continued: mark it superseded.
+    fn note_child(&mut self, child: BlockKey, parent: Option<BlockKey>) {
+        let Some(parent) = parent else {
+            return;
+        };
+        let Some(p) = self.life_mut(&parent) else {
+            return;
+        };
+        let superseded = match p.last_child {
+            Some(old) if old != child => {
+                let hub = p.child_switches >= HUB_SWITCHES;
+                p.child_switches = p.child_switches.saturating_add(1);
+                (!hub).then_some(old)
+            }
+            _ => None,
+        };
+        p.last_child = Some(child);
+        if let Some(old) = superseded {
+            self.supersede(old);
+        }
+    }
+
+    /// Moves the branch from `start` down its latest children to the
+    /// superseded class, stopping at blocks untracked or already there.
+    fn supersede(&mut self, start: BlockKey) {
+        let now = self.tick;
+        let mut next = Some(start);
+        for _ in 0..MAX_SUPERSEDE_WALK {
+            let Some(key) = next else {
+                break;
+            };
+            let (stats, class_lists) = (&mut self.stats, &mut self.class_lists);
+            let (life, slot) = match self.entries.get_mut(&key) {
+                Some(e) => (&mut e.life, Some(e.slot as usize)),
+                None => match self.ghosts.get_mut(&key) {
+                    Some(g) => (g, None),
+                    None => break,
+                },
+            };
+            let old = life.class as usize;
+            if old == SUPERSEDED_CLASS || old == PARTIAL_CLASS {
+                break;
+            }
+            // Close the old class's exposure; the new class counts from here.
+            let age = now - life.last;
+            stats[old].credit(life.credited, age);
+            life.credited = age;
+            life.class = SUPERSEDED_CLASS as u8;
+            next = life.last_child;
+            if let Some(slot) = slot {
+                class_lists[old].remove(&key);
+                class_lists[SUPERSEDED_CLASS].push_front(key, life.last);
+                self.resident[slot].class = SUPERSEDED_CLASS as u8;
+            }
+        }
+    }
+
     /// What the policy has learned, one line per class with data: blocks
-    /// resident, decayed reads and deaths, and the density at a few ages.
+    /// resident, decayed reuses and exposure, and the density at a few ages.
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for class in 0..CLASSES {
-            let reads: f64 = self.hits[class].iter().sum();
-            let deaths: f64 = self.deaths[class].iter().sum();
-            if reads + deaths < 1.0 && self.class_lists[class].is_empty() {
+            let reuses: f64 = self.stats[class].reuses.iter().sum();
+            let exposure: f64 = self.stats[class].exposure.iter().sum();
+            if exposure < 1.0 && self.class_lists[class].is_empty() {
                 continue;
             }
             let at = |age: u64| self.density[class][age_bucket(age)];
             out += &format!(
-                "class {class:2}: resident {:6} reads {:9.1} deaths {:9.1} density@1 {:.2e} @100 {:.2e} @1k {:.2e} @10k {:.2e} @100k {:.2e}\n",
+                "class {class:3}: resident {:6} hits {:6} returns {:6} reuses {:9.1} exposure {:10.3e} density@1 {:.2e} @100 {:.2e} @1k {:.2e} @10k {:.2e} @100k {:.2e}\n",
                 self.class_lists[class].len(),
-                reads,
-                deaths,
+                self.stats[class].resident_reuses,
+                self.stats[class].ghost_reuses,
+                reuses,
+                exposure,
                 at(1),
                 at(100),
                 at(1000),
@@ -282,24 +473,16 @@ impl Predictive {
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    /// (density, age) of a resident key; lower density loses, older breaks ties.
-    fn score(&self, key: &BlockKey) -> Option<(f64, u64)> {
-        let e = self.entries.get(key)?;
-        let age = self.tick - e.last;
-        Some((self.density[e.class as usize][age_bucket(age)], age))
+    /// (density, age) of a resident block; lower density loses, older
+    /// breaks ties.
+    fn score(&self, class: usize, last: u64) -> (f64, u64) {
+        let age = self.tick - last;
+        (self.density[class][age_bucket(age)], age)
     }
 
-    fn remember(&mut self, key: BlockKey, e: &Entry) {
-        self.ghosts.insert(
-            key,
-            Ghost {
-                last: e.last,
-                reads: e.reads,
-                class: e.class,
-                origin: e.origin,
-            },
-        );
-        self.ghost_order.push_back((key, e.last));
+    fn remember(&mut self, key: BlockKey, life: Life) {
+        self.ghosts.insert(key, life);
+        self.ghost_order.push_back((key, life.last));
         let limit = GHOSTS_PER_BLOCK * self.high_water.max(1);
         while self.ghost_order.len() > limit {
             let Some((old, last)) = self.ghost_order.pop_front() else {
@@ -309,19 +492,19 @@ impl Predictive {
             // only its latest one drops the ghost.
             if let Some(g) = self.ghosts.get(&old).filter(|g| g.last == last).copied() {
                 self.ghosts.remove(&old);
-                // Not read again within the ghost horizon: a death at this age.
+                // Tracked up to now without a reuse: censored here.
                 let age = self.tick - g.last;
-                self.deaths[g.class as usize][age_bucket(age)] += 1.0;
+                self.stats[g.class as usize].credit(g.credited, age);
             }
         }
     }
 
     fn detach(&mut self, key: &BlockKey) -> Option<Entry> {
         let e = self.entries.remove(key)?;
-        self.class_lists[e.class as usize].remove(key);
+        self.class_lists[e.life.class as usize].remove(key);
         let slot = e.slot as usize;
         self.resident.swap_remove(slot);
-        if let Some(moved) = self.resident.get(slot).copied() {
+        if let Some(moved) = self.resident.get(slot).map(|s| s.key) {
             if let Some(m) = self.entries.get_mut(&moved) {
                 m.slot = e.slot;
             }
@@ -346,29 +529,27 @@ impl EvictionPolicy for Predictive {
         let full = &mut self.full_bytes[kind_index];
         *full = (*full).max(info.bytes);
         let partial = info.bytes < *full;
-        let ghost = self.ghosts.remove(&key);
-        let (reads, gap, origin) = match ghost {
-            // Seen before: its own history counts, this access included.
+        let (reads, gap, origin) = match self.ghosts.remove(&key) {
             Some(g) => {
-                // It would have been a hit had it stayed: the reuse time
-                // of its class, whatever this policy did with it.
-                let gap = self.tick - g.last;
-                self.hits[g.class as usize][age_bucket(gap)] += 1.0;
-                (g.reads + 1, gap, g.origin)
+                // It would have been a hit had it stayed: a reuse of its
+                // class, whatever this policy did with it.
+                Self::record_reuse(&mut self.stats, &g, self.tick);
+                self.stats[g.class as usize].ghost_reuses += 1;
+                (g.reads + 1, self.tick - g.last, g.origin)
             }
             None => {
                 // First seen: inherit the history of the chain it continues.
                 let parent = info.parent.and_then(|p| {
                     self.entries
                         .get(&p)
-                        .map(|e| (e.reads, e.origin))
-                        .or_else(|| self.ghosts.get(&p).map(|g| (g.reads, g.origin)))
+                        .map(|e| e.life)
+                        .or_else(|| self.ghosts.get(&p).copied())
                 });
                 let origin = match parent {
                     None => 0,
                     // A parent first seen too passes its own origin down.
-                    Some((0, origin)) => origin,
-                    Some((reads, _)) => freq_bucket(reads) as u8,
+                    Some(p) if p.reads == 0 => p.origin,
+                    Some(p) => freq_bucket(p.reads) as u8,
                 };
                 (0, 0, origin)
             }
@@ -376,21 +557,33 @@ impl EvictionPolicy for Predictive {
         let class = if partial {
             PARTIAL_CLASS
         } else {
-            Self::class_of(reads, gap, origin)
+            Self::class_of(reads, gap, origin, info.position)
         };
         self.high_water = self.high_water.max(self.entries.len() + 1);
+        let life = Life {
+            last: self.tick,
+            credited: 0,
+            reads,
+            class: class as u8,
+            origin,
+            child_switches: 0,
+            parent: info.parent,
+            last_child: None,
+        };
         self.entries.insert(
             key,
             Entry {
-                last: self.tick,
+                life,
                 slot: self.resident.len() as u32,
-                reads,
-                class: class as u8,
-                origin,
             },
         );
-        self.resident.push(key);
-        self.set_class(key, None, class);
+        self.resident.push(Slot {
+            key,
+            last: self.tick,
+            class: class as u8,
+        });
+        self.class_lists[class].push_front(key, self.tick);
+        self.note_child(key, info.parent);
         self.advance();
     }
 
@@ -399,18 +592,29 @@ impl EvictionPolicy for Predictive {
         let Some(e) = self.entries.get_mut(&key) else {
             return;
         };
-        let age = tick - e.last;
-        let old_class = e.class as usize;
-        e.reads = e.reads.saturating_add(1);
-        e.last = tick;
+        Self::record_reuse(&mut self.stats, &e.life, tick);
+        self.stats[e.life.class as usize].resident_reuses += 1;
+        let life = &mut e.life;
+        let gap = tick - life.last;
+        let old_class = life.class as usize;
+        life.reads = life.reads.saturating_add(1);
+        life.last = tick;
+        life.credited = 0;
         let new_class = if old_class == PARTIAL_CLASS {
             PARTIAL_CLASS
         } else {
-            Self::class_of(e.reads, age, e.origin)
+            Self::class_of(life.reads, gap, life.origin, 0)
         };
-        e.class = new_class as u8;
-        self.hits[old_class][age_bucket(age)] += 1.0;
-        self.set_class(key, Some(old_class), new_class);
+        life.class = new_class as u8;
+        let parent = life.parent;
+        self.resident[e.slot as usize] = Slot {
+            key,
+            last: tick,
+            class: new_class as u8,
+        };
+        self.class_lists[old_class].remove(&key);
+        self.class_lists[new_class].push_front(key, tick);
+        self.note_child(key, parent);
         self.advance();
     }
 
@@ -423,34 +627,149 @@ impl EvictionPolicy for Predictive {
             return None;
         }
         let mut best: Option<(BlockKey, (f64, u64))> = None;
-        let consider = |this: &Self, key: BlockKey, best: &mut Option<(BlockKey, (f64, u64))>| {
-            if let Some(s) = this.score(&key) {
-                let better = match best {
-                    None => true,
-                    Some((_, b)) => s.0 < b.0 || (s.0 == b.0 && s.1 > b.1),
-                };
-                if better {
-                    *best = Some((key, s));
-                }
+        let mut consider = |key: BlockKey, score: (f64, u64)| {
+            let better = match &best {
+                None => true,
+                Some((_, b)) => score.0 < b.0 || (score.0 == b.0 && score.1 > b.1),
+            };
+            if better {
+                best = Some((key, score));
             }
         };
         for class in 0..CLASSES {
-            if let Some((key, ())) = self.class_lists[class].back() {
-                consider(self, key, &mut best);
+            if let Some((key, last)) = self.class_lists[class].back() {
+                consider(key, self.score(class, *last));
             }
         }
         for _ in 0..SAMPLES {
             let i = (self.next_random() % self.resident.len() as u64) as usize;
-            let key = self.resident[i];
-            consider(self, key, &mut best);
+            let slot = self.resident[i];
+            consider(slot.key, self.score(slot.class as usize, slot.last));
         }
         let (victim, _) = best?;
         let e = self.detach(&victim)?;
-        self.remember(victim, &e);
+        self.remember(victim, e.life);
         Some(victim)
     }
 
     fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(i: u64) -> BlockKey {
+        BlockKey::from_id(i)
+    }
+
+    #[test]
+    fn buckets_cover_ages_in_order() {
+        let mut prev = 0;
+        for age in [
+            0u64,
+            1,
+            15,
+            16,
+            17,
+            31,
+            32,
+            1000,
+            1 << 20,
+            1 << 40,
+            u64::MAX / 2,
+        ] {
+            let b = age_bucket(age);
+            assert!(b >= prev && b < AGE_BUCKETS, "age {age}");
+            assert!(
+                bucket_start(b) <= age.min(bucket_start(AGE_BUCKETS - 1)),
+                "age {age}"
+            );
+            prev = b;
+        }
+        for b in 0..AGE_BUCKETS - 1 {
+            assert_eq!(age_bucket(bucket_start(b)), b);
+            assert_eq!(bucket_end(b), bucket_start(b + 1));
+        }
+    }
+
+    #[test]
+    fn spans_credit_the_same_exposure_as_tick_by_tick() {
+        let mut fast = ClassStats::new();
+        let mut slow = ClassStats::new();
+        for (from, to) in [(0u64, 5u64), (3, 100), (17, 18), (40, 5000), (5000, 5001)] {
+            fast.credit(from, to);
+            for age in from..to {
+                slow.exposure[age_bucket(age)] += 1.0;
+            }
+        }
+        fast.fold_spans();
+        assert_eq!(fast.exposure, slow.exposure);
+    }
+
+    #[test]
+    fn partial_and_superseded_blocks_go_first() {
+        let mut p = Predictive::new();
+        // Train: full blocks come back, partial tails never do.
+        let mut resident = std::collections::HashSet::new();
+        for round in 0..300u64 {
+            for i in 0..4u64 {
+                let key = k(i);
+                let bytes = 512;
+                if resident.contains(&key) {
+                    p.on_access(key);
+                } else {
+                    if resident.len() >= 6 {
+                        let v = p.evict().unwrap();
+                        resident.remove(&v);
+                    }
+                    p.on_insert(key, &BlockInfo::kv(bytes, None, i as u32));
+                    resident.insert(key);
+                }
+            }
+            let tail = k(10_000 + round);
+            if resident.len() >= 6 {
+                let v = p.evict().unwrap();
+                resident.remove(&v);
+            }
+            p.on_insert(tail, &BlockInfo::kv(100, Some(k(3)), 4));
+            resident.insert(tail);
+        }
+        // The hot full blocks stayed; every eviction took a tail.
+        assert!((0..4).all(|i| resident.contains(&k(i))));
+
+        // A branch: 20 -> 21 -> 22, then a request reads 20 and goes to 23.
+        let mut q = Predictive::new();
+        q.on_insert(k(20), &BlockInfo::kv(512, None, 0));
+        q.on_insert(k(21), &BlockInfo::kv(512, Some(k(20)), 1));
+        q.on_insert(k(22), &BlockInfo::kv(512, Some(k(21)), 2));
+        q.on_access(k(20));
+        q.on_insert(k(23), &BlockInfo::kv(512, Some(k(20)), 1));
+        for key in [k(21), k(22)] {
+            assert_eq!(
+                q.entries[&key].life.class as usize, SUPERSEDED_CLASS,
+                "{key:?}"
+            );
+        }
+        assert_ne!(q.entries[&k(23)].life.class as usize, SUPERSEDED_CLASS);
+        // Read again, a superseded block leaves the class.
+        q.on_access(k(21));
+        assert_ne!(q.entries[&k(21)].life.class as usize, SUPERSEDED_CLASS);
+    }
+
+    #[test]
+    fn ghosts_stay_bounded() {
+        let mut p = Predictive::new();
+        for i in 0..10_000u64 {
+            if p.len() >= 16 {
+                p.evict().unwrap();
+            }
+            p.on_insert(k(i), &BlockInfo::kv(512, None, 0));
+        }
+        assert_eq!(p.len(), 16);
+        assert!(p.ghosts.len() <= GHOSTS_PER_BLOCK * 16);
+        assert!(p.ghost_order.len() <= GHOSTS_PER_BLOCK * 16);
     }
 }

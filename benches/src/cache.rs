@@ -1,0 +1,279 @@
+//! Phase 2, qvl-cache: hit ratio of the eviction policies on the Mooncake
+//! conversation trace (and a synthetic multi-turn chat workload) against LRU
+//! and Belady's offline optimum, and lookups/s of the tiered cache.
+
+use crate::BenchOptions;
+use anyhow::{Context, Result};
+use qvl_cache::synthetic::ChatWorkload;
+use qvl_cache::trace::{capacity_for_fraction, replay_accesses, Access, ReplayPolicy};
+use qvl_cache::{HostStore, PolicyKind, TieredCache, Trace};
+use qvl_core::bench::{BenchReport, Criterion};
+use qvl_core::{
+    Block, BlockInfo, BlockKey, BlockStore, ByteSize, DType, TensorKind, TensorMeta, Tier,
+};
+use serde_json::json;
+use std::time::Instant;
+
+/// Capacities as fractions of the unique blocks.
+const FRACTIONS: [f64; 3] = [0.01, 0.05, 0.10];
+/// Required hit-ratio gain over LRU at the small capacities.
+const MIN_GAIN_OVER_LRU: f64 = 1.3;
+/// Required share of the LRU-to-Belady gap closed.
+const MIN_GAP_CLOSED: f64 = 1.0 / 3.0;
+
+/// Hit ratios of every policy at every capacity on one workload.
+struct Sweep {
+    /// (fraction, capacity, policy, hits, accesses, hit ratio, lookups/s)
+    rows: Vec<(f64, usize, &'static str, u64, u64, f64, f64)>,
+}
+
+impl Sweep {
+    fn ratio(&self, fraction: f64, policy: &str) -> f64 {
+        self.rows
+            .iter()
+            .find(|r| r.0 == fraction && r.2 == policy)
+            .map_or(f64::NAN, |r| r.5)
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        self.rows
+            .iter()
+            .map(|(f, cap, p, hits, acc, ratio, lps)| {
+                json!({"policy": p, "capacity_fraction": f, "capacity_blocks": cap,
+                       "accesses": acc, "hits": hits, "hit_ratio": ratio, "lookups_per_s": lps})
+            })
+            .collect()
+    }
+}
+
+fn sweep(accesses: &[Access], unique: usize) -> Result<Sweep> {
+    let mut policies: Vec<ReplayPolicy> = PolicyKind::ALL.iter().map(|k| (*k).into()).collect();
+    policies.push(ReplayPolicy::Belady);
+    let mut rows = Vec::new();
+    for fraction in FRACTIONS {
+        let capacity = capacity_for_fraction(unique, fraction).max(1);
+        for policy in &policies {
+            let s = replay_accesses(accesses, *policy, capacity)
+                .with_context(|| format!("replaying {policy} at {capacity} blocks"))?;
+            rows.push((
+                fraction,
+                capacity,
+                policy.name(),
+                s.hits,
+                s.accesses,
+                s.hit_ratio(),
+                s.lookups_per_second(),
+            ));
+        }
+    }
+    Ok(rows).map(|rows| Sweep { rows })
+}
+
+fn print_sweep(title: &str, s: &Sweep) {
+    println!("{title}");
+    println!(
+        "  {:<8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8}",
+        "capacity", "blocks", "lru", "lfu", "arc", "s3_fifo", "predictive", "belady"
+    );
+    for fraction in FRACTIONS {
+        let cap = s.rows.iter().find(|r| r.0 == fraction).map_or(0, |r| r.1);
+        println!(
+            "  {:<8} {:>9} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>10.4} {:>8.4}",
+            format!("{}%", fraction * 100.0),
+            cap,
+            s.ratio(fraction, "lru"),
+            s.ratio(fraction, "lfu"),
+            s.ratio(fraction, "arc"),
+            s.ratio(fraction, "s3_fifo"),
+            s.ratio(fraction, "predictive"),
+            s.ratio(fraction, "belady"),
+        );
+    }
+}
+
+/// Lookups/s of a three-level tiered cache (host stores standing in for the
+/// GPU and SSD levels) replaying `accesses` with 4 KiB blocks: a get per
+/// access, a put on a miss.
+fn tiered_lookups_per_second(kind: PolicyKind, accesses: &[Access], unique: usize) -> Result<f64> {
+    const BLOCK_BYTES: u64 = 4096;
+    let level_blocks = capacity_for_fraction(unique, 0.01).max(1) as u64;
+    let stores: Vec<Box<dyn BlockStore>> = vec![
+        Box::new(HostStore::on_tier(
+            Tier::Gpu,
+            ByteSize(level_blocks * BLOCK_BYTES),
+        )),
+        Box::new(HostStore::new(ByteSize(2 * level_blocks * BLOCK_BYTES))),
+        Box::new(HostStore::on_tier(
+            Tier::Ssd,
+            ByteSize(4 * level_blocks * BLOCK_BYTES),
+        )),
+    ];
+    let cache = TieredCache::new(kind, stores);
+    let payload: std::sync::Arc<[u8]> = vec![0u8; BLOCK_BYTES as usize].into();
+    let meta = TensorMeta::new(vec![BLOCK_BYTES as usize], DType::U8, TensorKind::KvCache);
+    let start = Instant::now();
+    for a in accesses {
+        if cache.get(&a.key)?.is_none() {
+            let block = Block {
+                key: a.key,
+                meta: meta.clone(),
+                codec: qvl_core::CodecId::RAW,
+                data: payload.clone(),
+            };
+            let info = BlockInfo {
+                bytes: BLOCK_BYTES * a.info.bytes / 512,
+                ..a.info
+            };
+            cache.put(block, info)?;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let stats = cache.stats();
+    anyhow::ensure!(stats.lookups == accesses.len() as u64, "lost lookups");
+    Ok(accesses.len() as f64 / seconds.max(1e-9))
+}
+
+/// Lookups/s of `get` on blocks resident in the first level (the hot path
+/// of a decode step), one thread.
+fn hit_path_lookups_per_second(kind: PolicyKind, lookups: usize) -> Result<f64> {
+    const BLOCKS: u64 = 4096;
+    const BLOCK_BYTES: u64 = 4096;
+    let cache = TieredCache::new(
+        kind,
+        vec![
+            Box::new(HostStore::on_tier(
+                Tier::Gpu,
+                ByteSize(BLOCKS * BLOCK_BYTES),
+            )),
+            Box::new(HostStore::new(ByteSize(BLOCKS * BLOCK_BYTES))),
+        ],
+    );
+    let meta = TensorMeta::new(vec![BLOCK_BYTES as usize], DType::U8, TensorKind::KvCache);
+    let keys: Vec<BlockKey> = (0..BLOCKS).map(BlockKey::from_id).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let parent = i.checked_sub(1).map(|p| keys[p]);
+        let block = Block::raw(*key, meta.clone(), vec![0u8; BLOCK_BYTES as usize]);
+        cache.put(block, BlockInfo::kv(BLOCK_BYTES, parent, i as u32))?;
+    }
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let start = Instant::now();
+    let mut found = 0usize;
+    for _ in 0..lookups {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let key = keys[(state % BLOCKS) as usize];
+        found += usize::from(cache.get(&key)?.is_some());
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        found == lookups,
+        "{} of {lookups} resident blocks not found",
+        lookups - found
+    );
+    Ok(lookups as f64 / seconds.max(1e-9))
+}
+
+/// Runs the cache benchmark.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    let path = opts
+        .repo_root
+        .join("data/traces/mooncake_conversation_trace.jsonl");
+    let trace = Trace::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let accesses = trace.accesses();
+    let unique = trace.unique_blocks();
+    let mooncake = sweep(&accesses, unique)?;
+    print_sweep(
+        &format!(
+            "Mooncake conversation trace: {} accesses, {} unique blocks (hit ratio)",
+            accesses.len(),
+            unique
+        ),
+        &mooncake,
+    );
+
+    let workload = ChatWorkload {
+        requests: if opts.quick { 4_000 } else { 20_000 },
+        ..ChatWorkload::default()
+    };
+    let synthetic_trace = workload.generate();
+    let synthetic_accesses = synthetic_trace.accesses();
+    let synthetic_unique = synthetic_trace.unique_blocks();
+    let synthetic = sweep(&synthetic_accesses, synthetic_unique)?;
+    print_sweep(
+        &format!(
+            "Synthetic multi-turn chat ({} requests, seed {}): {} accesses, {} unique blocks",
+            workload.requests,
+            workload.seed,
+            synthetic_accesses.len(),
+            synthetic_unique
+        ),
+        &synthetic,
+    );
+
+    let throughput_accesses = if opts.quick {
+        &accesses[..accesses.len() / 4]
+    } else {
+        &accesses[..]
+    };
+    let lru_lps = tiered_lookups_per_second(PolicyKind::Lru, throughput_accesses, unique)?;
+    let predictive_lps =
+        tiered_lookups_per_second(PolicyKind::Predictive, throughput_accesses, unique)?;
+    println!("tiered cache replay (3 host-memory levels, 4 KiB blocks, get + put on miss): lru {lru_lps:.3e} lookups/s, predictive {predictive_lps:.3e} lookups/s");
+    let hit_lookups = if opts.quick { 500_000 } else { 4_000_000 };
+    let lru_hit_lps = hit_path_lookups_per_second(PolicyKind::Lru, hit_lookups)?;
+    let predictive_hit_lps = hit_path_lookups_per_second(PolicyKind::Predictive, hit_lookups)?;
+    println!("tiered cache hit path (get of L1-resident blocks): lru {lru_hit_lps:.3e} lookups/s, predictive {predictive_hit_lps:.3e} lookups/s\n");
+
+    let mut report = BenchReport::new("cache");
+    for fraction in [0.01, 0.05] {
+        let lru = mooncake.ratio(fraction, "lru");
+        let predictive = mooncake.ratio(fraction, "predictive");
+        let belady = mooncake.ratio(fraction, "belady");
+        let pct = fraction * 100.0;
+        report.criteria.push(Criterion::higher_is_better(
+            format!("mooncake hit ratio at {pct}%: predictive vs LRU"),
+            "hit ratio",
+            predictive,
+            lru,
+            MIN_GAIN_OVER_LRU,
+        ));
+        let closed = (predictive - lru) / (belady - lru);
+        let mut c = Criterion::higher_is_better(
+            format!("mooncake LRU-to-Belady gap closed at {pct}% (Belady {belady:.4})"),
+            "fraction of gap",
+            closed,
+            MIN_GAP_CLOSED,
+            1.0,
+        );
+        c.target = "value >= 1/3".into();
+        report.criteria.push(c);
+    }
+    // Lookups are not a bottleneck when a decode step's few hundred block
+    // lookups cost well under a millisecond: at least a million per second.
+    let mut c = Criterion::higher_is_better(
+        "tiered cache hit-path lookups/s, predictive (baseline: LRU)",
+        "lookups/s",
+        predictive_hit_lps,
+        lru_hit_lps,
+        0.0,
+    );
+    c.target = "value >= 1e6 lookups/s".into();
+    c.pass = predictive_hit_lps >= 1e6;
+    report.criteria.push(c);
+    report.details = json!({
+        "command": format!("cargo run --release -p qvl-bench -- cache{}", if opts.quick { " --quick" } else { "" }),
+        "trace": path.display().to_string(),
+        "capacity": "floor(fraction x unique blocks); hit ratio = hits / block accesses",
+        "mooncake": { "accesses": accesses.len(), "unique_blocks": unique, "rows": mooncake.to_json() },
+        "synthetic": {
+            "workload": format!("{workload:?}"),
+            "accesses": synthetic_accesses.len(),
+            "unique_blocks": synthetic_unique,
+            "rows": synthetic.to_json(),
+        },
+        "tiered_replay_lookups_per_s": { "lru": lru_lps, "predictive": predictive_lps, "accesses": throughput_accesses.len() },
+        "tiered_hit_path_lookups_per_s": { "lru": lru_hit_lps, "predictive": predictive_hit_lps, "lookups": hit_lookups },
+    });
+    Ok(report)
+}
