@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 mod cache;
+mod compress;
 
 use anyhow::{bail, Context, Result};
 use qvl_core::bench::BenchReport;
@@ -29,7 +30,7 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("model", "prefill and decode tokens/s against the memory-bandwidth bound", None),
     ("pool", "allocation time and reserved memory against the system allocator", None),
     ("cache", "hit ratio on the Mooncake trace against LRU and Belady", Some(cache::run)),
-    ("compress", "KV compression ratio, error and codec GB/s", None),
+    ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
     ("swap", "long-context decode throughput with KV swapped to SSD", None),
     ("tier", "tokens/s with weights streamed under RAM budgets", None),
     ("gc", "peak reserved memory against the offline optimum", None),
