@@ -7,6 +7,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
+pub mod kv_swap;
 mod error;
 
 pub use config::{Config, ConfigSources, LoadedConfig};
