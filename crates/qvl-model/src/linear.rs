@@ -156,7 +156,7 @@ fn run_tile(
             return;
         }
     }
-    tile_body(dtype, src, tile, x, rows, k, out);
+    tile_body::<false>(dtype, src, tile, x, rows, k, out);
 }
 
 /// Dot products of every row of `x` with weight rows read from their
@@ -288,11 +288,11 @@ unsafe fn tile_avx2(
     k: usize,
     out: &mut [f32],
 ) {
-    tile_body(dtype, src, tile, x, rows, k, out);
+    tile_body::<true>(dtype, src, tile, x, rows, k, out);
 }
 
 #[inline(always)]
-fn tile_body(
+fn tile_body<const FMA: bool>(
     dtype: DType,
     src: &[u8],
     tile: &mut [f32],
@@ -308,27 +308,83 @@ fn tile_body(
         _ => convert_f32(src, tile),
     }
     let nrows = tile.len() / k;
-    let mut j = 0;
-    while j + 4 <= nrows {
-        let w0 = &tile[j * k..(j + 1) * k];
-        let w1 = &tile[(j + 1) * k..(j + 2) * k];
-        let w2 = &tile[(j + 2) * k..(j + 3) * k];
-        let w3 = &tile[(j + 3) * k..(j + 4) * k];
-        for i in 0..rows {
-            let d = dot4(&x[i * k..(i + 1) * k], w0, w1, w2, w3);
-            out[j * rows + i] = d[0];
-            out[(j + 1) * rows + i] = d[1];
-            out[(j + 2) * rows + i] = d[2];
-            out[(j + 3) * rows + i] = d[3];
+    out.iter_mut().for_each(|o| *o = 0.0);
+    // k in blocks so that the tile's block stays in L1 while every row of
+    // x passes over it; 4 x rows by 2 weight rows per register block.
+    let mut kb = 0;
+    while kb < k {
+        let ke = (kb + K_BLOCK).min(k);
+        let mut i = 0;
+        while i < rows {
+            let xr = if i + 4 <= rows { 4 } else { 1 };
+            let mut j = 0;
+            while j < nrows {
+                let wr = if j + 2 <= nrows { 2 } else { 1 };
+                match (xr, wr) {
+                    (4, 2) => block::<4, 2, FMA>(x, tile, k, kb, ke, i, j, rows, out),
+                    (4, _) => block::<4, 1, FMA>(x, tile, k, kb, ke, i, j, rows, out),
+                    (_, 2) => block::<1, 2, FMA>(x, tile, k, kb, ke, i, j, rows, out),
+                    _ => block::<1, 1, FMA>(x, tile, k, kb, ke, i, j, rows, out),
+                }
+                j += wr;
+            }
+            i += xr;
         }
-        j += 4;
+        kb = ke;
     }
-    while j < nrows {
-        let w = &tile[j * k..(j + 1) * k];
-        for i in 0..rows {
-            out[j * rows + i] = dot(&x[i * k..(i + 1) * k], w);
+}
+
+/// Columns of k per block of the tiled kernel (16 rows x 256 f32 = 16 KiB).
+const K_BLOCK: usize = 256;
+
+/// Adds the dot products of x rows `i..i + XR` with tile rows `j..j + WR`
+/// over `kb..ke` into `out` (`[weight row][x row]`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block<const XR: usize, const WR: usize, const FMA: bool>(
+    x: &[f32],
+    tile: &[f32],
+    k: usize,
+    kb: usize,
+    ke: usize,
+    i: usize,
+    j: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let xs: [&[f32]; XR] = std::array::from_fn(|r| &x[(i + r) * k + kb..(i + r) * k + ke]);
+    let ws: [&[f32]; WR] = std::array::from_fn(|c| &tile[(j + c) * k + kb..(j + c) * k + ke]);
+    let len = ke - kb;
+    let mut acc = [[[0f32; LANES]; WR]; XR];
+    let chunks = len / LANES;
+    for ch in 0..chunks {
+        let o = ch * LANES;
+        let wv: [[f32; LANES]; WR] = std::array::from_fn(|c| {
+            let mut a = [0f32; LANES];
+            a.copy_from_slice(&ws[c][o..o + LANES]);
+            a
+        });
+        for r in 0..XR {
+            let xv = &xs[r][o..o + LANES];
+            for c in 0..WR {
+                for l in 0..LANES {
+                    acc[r][c][l] = if FMA {
+                        xv[l].mul_add(wv[c][l], acc[r][c][l])
+                    } else {
+                        acc[r][c][l] + xv[l] * wv[c][l]
+                    };
+                }
+            }
         }
-        j += 1;
+    }
+    for r in 0..XR {
+        for c in 0..WR {
+            let mut sum: f32 = acc[r][c].iter().sum();
+            for p in chunks * LANES..len {
+                sum += xs[r][p] * ws[c][p];
+            }
+            out[(j + c) * rows + i + r] += sum;
+        }
     }
 }
 
@@ -356,42 +412,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += a[i] * b[i];
     }
     sum
-}
-
-/// Four dot products of `x` with `w0..w3`, loading each chunk of `x` once.
-#[inline(always)]
-fn dot4(x: &[f32], w0: &[f32], w1: &[f32], w2: &[f32], w3: &[f32]) -> [f32; 4] {
-    let n = x.len();
-    let (w0, w1, w2, w3) = (&w0[..n], &w1[..n], &w2[..n], &w3[..n]);
-    let mut a0 = [0f32; LANES];
-    let mut a1 = [0f32; LANES];
-    let mut a2 = [0f32; LANES];
-    let mut a3 = [0f32; LANES];
-    let chunks = n / LANES;
-    for c in 0..chunks {
-        let r = c * LANES..(c + 1) * LANES;
-        let xc = &x[r.clone()];
-        let (c0, c1, c2, c3) = (&w0[r.clone()], &w1[r.clone()], &w2[r.clone()], &w3[r]);
-        for l in 0..LANES {
-            a0[l] += xc[l] * c0[l];
-            a1[l] += xc[l] * c1[l];
-            a2[l] += xc[l] * c2[l];
-            a3[l] += xc[l] * c3[l];
-        }
-    }
-    let mut out = [
-        a0.iter().sum::<f32>(),
-        a1.iter().sum::<f32>(),
-        a2.iter().sum::<f32>(),
-        a3.iter().sum::<f32>(),
-    ];
-    for i in chunks * LANES..n {
-        out[0] += x[i] * w0[i];
-        out[1] += x[i] * w1[i];
-        out[2] += x[i] * w2[i];
-        out[3] += x[i] * w3[i];
-    }
-    out
 }
 
 #[cfg(test)]
