@@ -7,6 +7,7 @@
 
 mod cache;
 mod compress;
+mod model;
 
 use anyhow::{bail, Context, Result};
 use qvl_core::bench::BenchReport;
@@ -27,7 +28,7 @@ type PhaseFn = fn(&BenchOptions) -> Result<BenchReport>;
 
 /// Every phase: name, what it measures, its function (None until its issue lands).
 const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
-    ("model", "prefill and decode tokens/s against the memory-bandwidth bound", None),
+    ("model", "prefill and decode tokens/s against the memory-bandwidth bound", Some(model::run)),
     ("pool", "allocation time and reserved memory against the system allocator", None),
     ("cache", "hit ratio on the Mooncake trace against LRU and Belady", Some(cache::run)),
     ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
