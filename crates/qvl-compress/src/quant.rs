@@ -658,8 +658,8 @@ fn min_max(x: &[f32]) -> (f32, f32) {
     let mut c = x.chunks_exact(LANES);
     for xs in &mut c {
         for i in 0..LANES {
-            mn[i] = if xs[i] < mn[i] { xs[i] } else { mn[i] };
-            mx[i] = if xs[i] > mx[i] { xs[i] } else { mx[i] };
+            mn[i] = mn[i].min(xs[i]);
+            mx[i] = mx[i].max(xs[i]);
         }
     }
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
