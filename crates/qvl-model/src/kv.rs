@@ -431,6 +431,59 @@ impl PagedKvCache {
         Ok(Block::raw(key, meta, data))
     }
 
+    /// Appends a full block exported by [`Self::export_block`] (from this
+    /// or another cache of the same layout) holding `tokens`: the prefix
+    /// cache path. The block's key must be the key of `tokens` chained on
+    /// this cache's last full block, so a block can only continue the prefix
+    /// it was computed for.
+    pub fn import_block(&mut self, tokens: &[u32], block: &Block) -> Result<()> {
+        let l = self.layout();
+        if self.pending != 0 || self.len % l.block_tokens != 0 || tokens.len() != l.block_tokens {
+            return Err(ModelError::KvCache(format!(
+                "import of {} tokens onto {} cached (+{} pending) tokens: only whole blocks of {} on a block boundary",
+                tokens.len(),
+                self.len,
+                self.pending,
+                l.block_tokens
+            )));
+        }
+        let parent = self.block_keys().last().copied();
+        let key = BlockKey::chained(parent, tokens, &[]);
+        if key != block.key {
+            return Err(ModelError::KvCache(format!(
+                "block {:?} does not continue this prefix (expected {key:?})",
+                block.key
+            )));
+        }
+        let shape = [l.layers, 2, l.block_tokens, l.kv_heads, l.head_dim];
+        if block.codec != qvl_core::CodecId::RAW
+            || block.meta.dtype != DType::F32
+            || block.meta.shape != shape
+            || block.data.len() != l.block_floats() * 4
+        {
+            return Err(ModelError::KvCache(format!(
+                "block {:?} is not a raw f32 block of shape {shape:?}",
+                block.key
+            )));
+        }
+        let floats: Vec<f32> = block
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        self.reserve(l.block_tokens)?;
+        let half = l.block_tokens * l.token_width();
+        for layer in 0..l.layers {
+            let base = layer * 2 * half;
+            self.write_layer(
+                layer,
+                &floats[base..base + half],
+                &floats[base + half..base + 2 * half],
+            )?;
+        }
+        self.commit(tokens)
+    }
+
     /// Gives every block back to the storage.
     pub fn clear(&mut self) -> Result<()> {
         for id in self.table.drain(..) {
@@ -537,6 +590,15 @@ mod tests {
         let block = cache.export_block(1).unwrap();
         assert_eq!(block.meta.byte_len(), block.data.len());
         assert!(cache.export_block(2).is_err());
+        // The blocks continue the same prefix in another cache, in order only.
+        let mut other = PagedKvCache::in_memory(layout(4));
+        assert!(other.import_block(&[5, 6, 7, 8], &block).is_err());
+        other
+            .import_block(&[1, 2, 3, 4], &cache.export_block(0).unwrap())
+            .unwrap();
+        other.import_block(&[5, 6, 7, 8], &block).unwrap();
+        assert_eq!(other.block_keys(), keys);
+        assert_eq!(other.export_block(1).unwrap(), block);
         cache.clear().unwrap();
         assert_eq!(cache.used_bytes(), 0);
         // Writing past the reservation is an error, not a panic.

@@ -20,6 +20,19 @@ pub struct ImageInput {
     pub grid_thw: Vec<[usize; 3]>,
 }
 
+impl ImageInput {
+    /// The input of preprocessed images, in order.
+    pub fn from_processed(images: &[crate::preprocess::ProcessedImage]) -> ImageInput {
+        ImageInput {
+            pixel_values: images
+                .iter()
+                .flat_map(|i| i.pixel_values.iter().copied())
+                .collect(),
+            grid_thw: images.iter().map(|i| i.grid_thw).collect(),
+        }
+    }
+}
+
 /// A loaded Qwen3-VL model.
 pub struct Qwen3VlModel {
     config: Qwen3VlConfig,
@@ -45,6 +58,20 @@ impl Session {
     /// Whether nothing was run yet.
     pub fn is_empty(&self) -> bool {
         self.cache.is_empty()
+    }
+
+    /// Reuses a full KV block of a text-only prefix (exported from another
+    /// session with [`PagedKvCache::export_block`], e.g. through a
+    /// [`qvl_core::BlockStore`]) instead of computing it again.
+    pub fn import_text_block(&mut self, tokens: &[u32], block: &qvl_core::Block) -> Result<()> {
+        if self.next_position != self.cache.len() as i64 {
+            return Err(ModelError::KvCache(
+                "blocks can be imported onto text-only prefixes only".to_string(),
+            ));
+        }
+        self.cache.import_block(tokens, block)?;
+        self.next_position = self.cache.len() as i64;
+        Ok(())
     }
 }
 
@@ -82,6 +109,18 @@ impl Qwen3VlModel {
     /// The vision encoder.
     pub fn vision(&self) -> &VisionEncoder {
         &self.vision
+    }
+
+    /// The tokens an image of grid `grid_thw` takes in a prompt:
+    /// `<vision_start>`, one image placeholder per merged token, `<vision_end>`.
+    pub fn image_placeholder(&self, grid_thw: [usize; 3]) -> Vec<u32> {
+        let mut ids = vec![self.config.vision_start_token_id];
+        ids.extend(std::iter::repeat_n(
+            self.config.image_token_id,
+            self.vision.tokens_for_grid(grid_thw),
+        ));
+        ids.push(self.config.vision_end_token_id);
+        ids
     }
 
     /// A new session with an in-memory cache of `block_tokens` per block.

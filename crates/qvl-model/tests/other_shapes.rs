@@ -101,6 +101,20 @@ fn other_shapes_load_run_and_agree_with_stepwise_decoding() {
     let d = max_diff(&all, &step);
     assert!(d < 1e-4, "batched vs stepwise text logits differ by {d}");
 
+    // Prefix reuse: the first four blocks move to a fresh session as
+    // qvl_core blocks; only the last three tokens are computed there.
+    let mut s3 = model.new_session_with_blocks(4);
+    for b in 0..4 {
+        let block = s.cache.export_block(b).unwrap();
+        s3.import_text_block(&ids[b * 4..b * 4 + 4], &block)
+            .unwrap();
+    }
+    let tail = model
+        .prefill(&mut s3, &ids[16..], None, Logits::Last)
+        .unwrap();
+    let d = max_diff(&all[18 * vocab..], &tail);
+    assert!(d < 1e-4, "logits after imported blocks differ by {d}");
+
     // Two images of different shapes (8 + 4 merged tokens).
     let grids = vec![[1usize, 4, 8], [1, 4, 4]];
     let patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
@@ -143,6 +157,9 @@ fn other_shapes_load_run_and_agree_with_stepwise_decoding() {
     let out = generate(&model, &ids, Some(&images), 6).unwrap();
     assert_eq!(out.len(), 6);
     assert!(out.iter().all(|&t| (t as usize) < vocab));
+
+    // The placeholder helper gives the run the grid needs.
+    assert_eq!(model.image_placeholder([1, 4, 8]), ids[2..12].to_vec());
 
     // A placeholder count that does not fit the grids is an error.
     let err = model.prefill(
