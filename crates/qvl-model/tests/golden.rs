@@ -19,3 +19,53 @@ fn every_golden_case_matches_transformers() {
         assert!(o.pass, "case {} failed: {o:?}", o.name);
     }
 }
+
+#[test]
+fn a_preprocessed_image_runs_through_the_tiny_model() {
+    use qvl_model::{generate, ImageInput, Logits, Qwen3VlModel, SafetensorsFile};
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny")).unwrap();
+    let images = SafetensorsFile::open(&data.join("images/images.safetensors")).unwrap();
+    let grid = images
+        .expect_tensor("exact_64x96.image_grid_thw")
+        .unwrap()
+        .to_i64_vec()
+        .unwrap();
+    let input = ImageInput {
+        pixel_values: images
+            .expect_tensor("exact_64x96.pixel_values")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap(),
+        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
+    };
+    let mut prompt = vec![10, 11];
+    prompt.extend(model.image_placeholder(input.grid_thw[0]));
+    prompt.extend([12, 13]);
+    // 64x96 pixels: 4x6 patches, 6 merged tokens between start and end.
+    assert_eq!(prompt.len(), 2 + 8 + 2);
+    let a = generate(&model, &prompt, Some(&input), 5).unwrap();
+    assert_eq!(a.len(), 5);
+    // Last-row logits of a full prefill equal the last-only prefill (up to
+    // summation order: one row takes the direct kernel, many the tiled one).
+    let vocab = model.config().text.vocab_size;
+    let all = model
+        .prefill(&mut model.new_session(), &prompt, Some(&input), Logits::All)
+        .unwrap();
+    let last = model
+        .prefill(
+            &mut model.new_session(),
+            &prompt,
+            Some(&input),
+            Logits::Last,
+        )
+        .unwrap();
+    let row = &all[(prompt.len() - 1) * vocab..];
+    let diff = row
+        .iter()
+        .zip(&last)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    assert_eq!(a[0] as usize, qvl_model::ops::argmax(&last));
+}
