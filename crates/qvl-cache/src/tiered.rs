@@ -133,6 +133,12 @@ impl TieredCache {
 
     /// The block with `key`, promoted to the first level, or None.
     pub fn get(&self, key: &BlockKey) -> Result<Option<Block>> {
+        Ok(self.lookup(key)?.map(|(_, block)| block))
+    }
+
+    /// Like [`TieredCache::get`], with the index of the level that held the
+    /// block (0 = fastest) before its promotion.
+    pub fn lookup(&self, key: &BlockKey) -> Result<Option<(usize, Block)>> {
         let mut inner = self.lock();
         inner.stats.lookups += 1;
         let Some((level, block)) = inner.find(key)? else {
@@ -144,7 +150,7 @@ impl TieredCache {
         } else {
             inner.promote(level, block.clone())?;
         }
-        Ok(Some(block))
+        Ok(Some((level, block)))
     }
 
     /// Prefetch hint: the blocks a request is about to read (its prefix
@@ -224,6 +230,9 @@ impl Inner {
     /// Moves a block found in `level` to the first level.
     fn promote(&mut self, level: usize, block: Block) -> Result<()> {
         self.levels[level].store.remove(&block.key)?;
+        // A promotion is a read at that level: its policy learns the reuse
+        // before the block leaves.
+        self.levels[level].policy.on_access(block.key);
         self.levels[level].policy.on_remove(block.key);
         self.stats.promotions += 1;
         self.insert_from(0, block)

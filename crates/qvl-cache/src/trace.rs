@@ -251,6 +251,80 @@ impl ReplayStats {
     pub fn lookups_per_second(&self) -> f64 {
         self.accesses as f64 / self.seconds.max(1e-9)
     }
+
+    /// One row of `qvl cache replay --json`: policy, capacity_blocks,
+    /// capacity_fraction (null for a capacity given in blocks), accesses,
+    /// hits, hit_ratio.
+    pub fn to_json_row(&self, capacity_fraction: Option<f64>) -> Value {
+        serde_json::json!({
+            "policy": self.policy,
+            "capacity_blocks": self.capacity_blocks,
+            "capacity_fraction": capacity_fraction,
+            "accesses": self.accesses,
+            "hits": self.hits,
+            "hit_ratio": self.hit_ratio(),
+        })
+    }
+}
+
+/// A replay capacity as written on a command line: `5%` (a fraction of the
+/// trace's unique blocks, floored) or `9139` (blocks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Capacity {
+    /// A fraction of the unique blocks, in (0, 1].
+    Fraction(f64),
+    /// A number of blocks.
+    Blocks(usize),
+}
+
+impl Capacity {
+    /// The capacity in blocks for a trace with `unique_blocks` distinct blocks.
+    pub fn blocks(self, unique_blocks: usize) -> usize {
+        match self {
+            Capacity::Fraction(f) => capacity_for_fraction(unique_blocks, f),
+            Capacity::Blocks(n) => n,
+        }
+    }
+
+    /// The fraction, if the capacity was given as one.
+    pub fn fraction(self) -> Option<f64> {
+        match self {
+            Capacity::Fraction(f) => Some(f),
+            Capacity::Blocks(_) => None,
+        }
+    }
+
+    /// Parses a comma-separated list such as `1%,5%,10%` or `1827,9139`.
+    pub fn parse_list(list: &str) -> Result<Vec<Capacity>> {
+        list.split(',').map(str::parse).collect()
+    }
+}
+
+impl FromStr for Capacity {
+    type Err = CacheError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let bad = |why: &str| CacheError::InvalidCapacity(format!("{t:?}: {why}"));
+        if let Some(percent) = t.strip_suffix('%') {
+            let p: f64 = percent
+                .trim()
+                .parse()
+                .map_err(|_| bad("expected a percentage such as 5%"))?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(bad("a percentage must be in (0, 100]"));
+            }
+            Ok(Capacity::Fraction(p / 100.0))
+        } else {
+            let n: usize = t
+                .parse()
+                .map_err(|_| bad("expected a percentage such as 5% or a number of blocks"))?;
+            if n == 0 {
+                return Err(bad("a capacity must be at least one block"));
+            }
+            Ok(Capacity::Blocks(n))
+        }
+    }
 }
 
 /// The capacity in blocks for a fraction of the unique blocks: floor.
@@ -309,6 +383,127 @@ pub fn replay_accesses(
         accesses: accesses.len() as u64,
         hits,
         seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Cost of serving one block from each level of a tiered replay, and of a
+/// miss (recomputing the block), in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LevelCosts {
+    /// Per level, fastest first: the time to make a block there usable.
+    pub hit_ms: Vec<f64>,
+    /// The time to recompute a block that no level holds.
+    pub miss_ms: f64,
+}
+
+impl Default for LevelCosts {
+    /// Estimates for a 512-token KV block of a 2B model (about 56 MiB in
+    /// bf16) on the reference laptop: in GPU memory already; over PCIe 3
+    /// from RAM (about 5 ms); from NVMe, then over PCIe (about 25 ms);
+    /// recomputed by prefill (about 200 ms).
+    fn default() -> Self {
+        LevelCosts {
+            hit_ms: vec![0.0, 5.0, 25.0],
+            miss_ms: 200.0,
+        }
+    }
+}
+
+/// The outcome of a tiered replay.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TieredReplayStats {
+    /// Policy name.
+    pub policy: String,
+    /// Capacity of each level in blocks, fastest first.
+    pub level_blocks: Vec<usize>,
+    /// Block lookups.
+    pub accesses: u64,
+    /// Lookups served by each level.
+    pub hits: Vec<u64>,
+    /// Latency-weighted cost of all lookups, in milliseconds.
+    pub cost_ms: f64,
+    /// The same cost had every lookup missed (no cache).
+    pub no_cache_cost_ms: f64,
+}
+
+impl TieredReplayStats {
+    /// Share of lookups each level served.
+    pub fn level_hit_ratios(&self) -> Vec<f64> {
+        let n = self.accesses.max(1) as f64;
+        self.hits.iter().map(|h| *h as f64 / n).collect()
+    }
+}
+
+/// Replays `accesses` through a [`crate::TieredCache`] of host-memory levels
+/// holding `level_blocks` full blocks each (a block's bytes are its tokens),
+/// with a policy of `kind` per level: a get per access, a put on a miss.
+pub fn replay_tiered(
+    accesses: &[Access],
+    kind: PolicyKind,
+    level_blocks: &[usize],
+    costs: &LevelCosts,
+) -> Result<TieredReplayStats> {
+    use crate::{HostStore, TieredCache};
+    use qvl_core::{Block, BlockStore, ByteSize, DType, TensorKind, TensorMeta, Tier};
+    if level_blocks.is_empty() || level_blocks.contains(&0) {
+        return Err(CacheError::InvalidCapacity(format!(
+            "a tiered replay needs levels of at least one block, got {level_blocks:?}"
+        )));
+    }
+    if costs.hit_ms.len() < level_blocks.len() {
+        return Err(CacheError::InvalidCapacity(format!(
+            "{} levels but hit costs for only {}",
+            level_blocks.len(),
+            costs.hit_ms.len()
+        )));
+    }
+    let tiers = [Tier::Gpu, Tier::HostRam, Tier::Ssd];
+    let stores: Vec<Box<dyn BlockStore>> = level_blocks
+        .iter()
+        .enumerate()
+        .map(|(i, blocks)| {
+            let tier = tiers[i.min(tiers.len() - 1)];
+            Box::new(HostStore::on_tier(
+                tier,
+                ByteSize(*blocks as u64 * BLOCK_TOKENS),
+            )) as Box<dyn BlockStore>
+        })
+        .collect();
+    let cache = TieredCache::new(kind, stores);
+    // One shared zero payload per block size: the replay measures placement,
+    // not copying.
+    let mut payloads: std::collections::HashMap<u64, std::sync::Arc<[u8]>> = Default::default();
+    let mut cost_ms = 0.0;
+    for a in accesses {
+        if let Some((level, _)) = cache.lookup(&a.key)? {
+            cost_ms += costs.hit_ms[level];
+            continue;
+        }
+        cost_ms += costs.miss_ms;
+        let bytes = a.info.bytes.max(1);
+        let data = payloads
+            .entry(bytes)
+            .or_insert_with(|| vec![0u8; bytes as usize].into())
+            .clone();
+        let meta = TensorMeta::new(vec![bytes as usize], DType::U8, TensorKind::KvCache);
+        cache.put(
+            Block {
+                key: a.key,
+                meta,
+                codec: qvl_core::CodecId::RAW,
+                data,
+            },
+            a.info,
+        )?;
+    }
+    let stats = cache.stats();
+    Ok(TieredReplayStats {
+        policy: kind.name().to_string(),
+        level_blocks: level_blocks.to_vec(),
+        accesses: stats.lookups,
+        hits: stats.hits,
+        cost_ms,
+        no_cache_cost_ms: accesses.len() as f64 * costs.miss_ms,
     })
 }
 
@@ -375,6 +570,47 @@ mod tests {
     }
 
     #[test]
+    fn tiered_replay_serves_from_lower_levels() {
+        // Blocks 0..6 twice: 2 fit in L1, 4 more in L2; the second round hits.
+        let line = |ts: u64| {
+            format!("{{\"timestamp\": {ts}, \"input_length\": 3072, \"output_length\": 1, \"hash_ids\": [0, 1, 2, 3, 4, 5]}}\n")
+        };
+        let t = parse(&(line(0) + &line(1))).unwrap();
+        let s = replay_tiered(
+            &t.accesses(),
+            PolicyKind::Lru,
+            &[2, 4],
+            &LevelCosts::default(),
+        )
+        .unwrap();
+        assert_eq!(s.accesses, 12);
+        assert_eq!(s.hits.iter().sum::<u64>(), 6);
+        assert!(s.hits[1] > 0, "{:?}", s.hits);
+        assert!(s.cost_ms < s.no_cache_cost_ms);
+        assert!((s.level_hit_ratios().iter().sum::<f64>() - 0.5).abs() < 1e-12);
+        assert!(replay_tiered(
+            &t.accesses(),
+            PolicyKind::Lru,
+            &[2, 0],
+            &LevelCosts::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn capacities_parse_as_fractions_or_blocks() {
+        let list = Capacity::parse_list("1%, 5%,9139").unwrap();
+        assert_eq!(list[0], Capacity::Fraction(0.01));
+        assert_eq!(list[1].blocks(182_790), 9139);
+        assert_eq!(list[2], Capacity::Blocks(9139));
+        assert_eq!(list[2].fraction(), None);
+        for bad in ["0", "0%", "150%", "x%", "-3", ""] {
+            let err = bad.parse::<Capacity>().unwrap_err().to_string();
+            assert!(err.starts_with("invalid capacity"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn replay_counts_hits_and_rejects_zero_capacity() {
         let t = parse(
             "{\"timestamp\": 0, \"input_length\": 1024, \"output_length\": 1, \"hash_ids\": [0, 1]}\n\
@@ -386,6 +622,9 @@ mod tests {
         let lru = replay_accesses(&a, PolicyKind::Lru.into(), 2).unwrap();
         // 0 hits twice; 1 was evicted by 2 (LRU keeps 0 and 2).
         assert_eq!((lru.hits, lru.accesses), (2, 6));
+        let row = lru.to_json_row(Some(0.5));
+        assert_eq!(row["hit_ratio"], serde_json::json!(2.0 / 6.0));
+        assert_eq!(row["capacity_fraction"], serde_json::json!(0.5));
         let belady = replay_accesses(&a, ReplayPolicy::Belady, 2).unwrap();
         assert_eq!(belady.hits, 2);
         assert!(replay_accesses(&a, ReplayPolicy::Belady, 0).is_err());
