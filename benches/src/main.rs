@@ -7,6 +7,7 @@
 
 mod cache;
 mod compress;
+mod metrics;
 mod model;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +36,7 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("swap", "long-context decode throughput with KV swapped to SSD", None),
     ("tier", "tokens/s with weights streamed under RAM budgets", None),
     ("gc", "peak reserved memory against the offline optimum", None),
+    ("metrics", "cost per recorded event", Some(metrics::run)),
 ];
 
 fn main() -> Result<()> {

@@ -8,15 +8,22 @@ use crate::snapshot::{
 };
 use qvl_core::{MetricEvent, MetricsRecorder, TensorKind, Tier};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Shards per collector. A thread keeps the shard it was first given, so up
-/// to this many threads record without sharing a cache line; more threads
-/// share shards, which stays correct (the counters are atomics).
-const SHARDS: usize = 16;
+/// Shards a thread can own. While at most this many threads record at once,
+/// each owns a shard of every collector and updates it with plain atomic
+/// loads and stores (no read-modify-write, no shared cache line). Further
+/// threads share one extra shard, updated with atomic read-modify-writes:
+/// slower, still exact.
+const OWNED_SHARDS: usize = 32;
+/// Index of the shared shard.
+const SHARED_SHARD: usize = OWNED_SHARDS;
 const TIERS: usize = Tier::ALL.len();
 const KINDS: usize = TensorKind::ALL.len();
 
@@ -38,45 +45,119 @@ fn kind_index(kind: TensorKind) -> usize {
     }
 }
 
-/// Hands each thread a shard index once, round-robin across threads.
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+/// Bit `i` set: owned shard `i` is free to claim. Process-wide, so that a
+/// thread owns the same index in every collector.
+static FREE_SLOTS: AtomicU32 = AtomicU32::new(u32::MAX);
+const UNCLAIMED: usize = usize::MAX;
 
-thread_local! {
-    static SHARD_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+/// A thread's claim on an owned shard index, handed back when it exits.
+struct SlotClaim(Cell<usize>);
+
+impl Drop for SlotClaim {
+    fn drop(&mut self) {
+        let slot = self.0.get();
+        if slot < OWNED_SHARDS {
+            // Release: the next owner's Acquire claim sees this thread's stores.
+            FREE_SLOTS.fetch_or(1 << slot, Release);
+        }
+    }
 }
 
-#[inline]
-fn this_thread_shard() -> usize {
-    SHARD_INDEX.with(|cell| {
-        let i = cell.get();
-        if i != usize::MAX {
-            return i;
+thread_local! {
+    static SLOT: SlotClaim = const { SlotClaim(Cell::new(UNCLAIMED)) };
+}
+
+/// Claims the lowest free owned index, or the shared shard when none is free.
+fn claim_slot() -> usize {
+    let mut free = FREE_SLOTS.load(Relaxed);
+    while free != 0 {
+        let slot = free.trailing_zeros() as usize;
+        match FREE_SLOTS.compare_exchange_weak(free, free & !(1 << slot), Acquire, Relaxed) {
+            Ok(_) => return slot,
+            Err(now) => free = now,
         }
-        let i = NEXT_SHARD.fetch_add(1, Relaxed) % SHARDS;
-        cell.set(i);
-        i
+    }
+    SHARED_SHARD
+}
+
+/// This thread's shard index: owned (< OWNED_SHARDS) or the shared one.
+#[inline]
+fn this_thread_slot() -> usize {
+    SLOT.try_with(|claim| {
+        let slot = claim.0.get();
+        if slot != UNCLAIMED {
+            return slot;
+        }
+        let slot = claim_slot();
+        claim.0.set(slot);
+        slot
     })
+    // During thread teardown the claim is gone: use the shared shard.
+    .unwrap_or(SHARED_SHARD)
 }
 
 fn counters<const N: usize>() -> [AtomicU64; N] {
     std::array::from_fn(|_| AtomicU64::new(0))
 }
 
-/// Adds `value` to an f64 stored as bits. The shard is normally written by
-/// one thread, so the first compare-exchange succeeds.
-#[inline]
-fn add_f64(cell: &AtomicU64, value: f64) {
-    let mut current = cell.load(Relaxed);
-    loop {
-        let next = (f64::from_bits(current) + value).to_bits();
-        match cell.compare_exchange_weak(current, next, Relaxed, Relaxed) {
-            Ok(_) => return,
-            Err(seen) => current = seen,
+/// How a shard is updated: by its only writer, or by many.
+pub(crate) trait Update {
+    /// `cell += v`.
+    fn add(cell: &AtomicU64, v: u64);
+    /// `cell = max(cell, v)`.
+    fn max(cell: &AtomicU64, v: u64);
+    /// `cell += v` for an f64 stored as bits.
+    fn add_f64(cell: &AtomicU64, v: f64);
+}
+
+/// The owning thread is the only writer: a load and a store suffice, and
+/// readers still see whole values (the cells are atomics).
+pub(crate) struct OwnedUpdate;
+
+impl Update for OwnedUpdate {
+    #[inline(always)]
+    fn add(cell: &AtomicU64, v: u64) {
+        cell.store(cell.load(Relaxed).wrapping_add(v), Relaxed);
+    }
+    #[inline(always)]
+    fn max(cell: &AtomicU64, v: u64) {
+        if v > cell.load(Relaxed) {
+            cell.store(v, Relaxed);
+        }
+    }
+    #[inline(always)]
+    fn add_f64(cell: &AtomicU64, v: f64) {
+        cell.store((f64::from_bits(cell.load(Relaxed)) + v).to_bits(), Relaxed);
+    }
+}
+
+/// Many writers: atomic read-modify-writes.
+pub(crate) struct SharedUpdate;
+
+impl Update for SharedUpdate {
+    #[inline(always)]
+    fn add(cell: &AtomicU64, v: u64) {
+        cell.fetch_add(v, Relaxed);
+    }
+    #[inline(always)]
+    fn max(cell: &AtomicU64, v: u64) {
+        cell.fetch_max(v, Relaxed);
+    }
+    #[inline(always)]
+    fn add_f64(cell: &AtomicU64, v: f64) {
+        let mut current = cell.load(Relaxed);
+        loop {
+            let next = (f64::from_bits(current) + v).to_bits();
+            match cell.compare_exchange_weak(current, next, Relaxed, Relaxed) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
         }
     }
 }
 
-/// One thread's counters. Aligned to 128 bytes so that two shards never
+/// One thread's counters (or, for the shared shard, those of the threads
+/// beyond [`OWNED_SHARDS`]). Aligned to 128 bytes so that two shards never
 /// share a cache line (or an adjacent-line prefetch pair).
 #[repr(align(128))]
 #[derive(Debug)]
@@ -191,7 +272,7 @@ impl Collector {
     pub fn new() -> Collector {
         let started = Instant::now();
         Collector {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            shards: (0..=OWNED_SHARDS).map(|_| Shard::default()).collect(),
             gauges: std::array::from_fn(|_| TierGauge::default()),
             started,
             started_unix_ms: unix_ms(SystemTime::now()),
@@ -466,7 +547,18 @@ impl Collector {
 impl MetricsRecorder for Collector {
     #[inline]
     fn record(&self, event: &MetricEvent) {
-        let shard = &self.shards[this_thread_shard()];
+        let slot = this_thread_slot();
+        if slot < OWNED_SHARDS {
+            self.record_into::<OwnedUpdate>(&self.shards[slot], event);
+        } else {
+            self.record_into::<SharedUpdate>(&self.shards[SHARED_SHARD], event);
+        }
+    }
+}
+
+impl Collector {
+    #[inline(always)]
+    fn record_into<U: Update>(&self, shard: &Shard, event: &MetricEvent) {
         match *event {
             MetricEvent::Alloc {
                 tier,
@@ -475,14 +567,14 @@ impl MetricsRecorder for Collector {
                 ..
             } => {
                 let t = tier_index(tier);
-                shard.allocs[t].fetch_add(1, Relaxed);
-                shard.alloc_bytes[t].fetch_add(bytes, Relaxed);
-                shard.alloc_latency.record(nanos(latency));
+                U::add(&shard.allocs[t], 1);
+                U::add(&shard.alloc_bytes[t], bytes);
+                shard.alloc_latency.record::<U>(nanos(latency));
             }
             MetricEvent::Free { tier, bytes } => {
                 let t = tier_index(tier);
-                shard.frees[t].fetch_add(1, Relaxed);
-                shard.free_bytes[t].fetch_add(bytes, Relaxed);
+                U::add(&shard.frees[t], 1);
+                U::add(&shard.free_bytes[t], bytes);
             }
             MetricEvent::Memory {
                 tier,
@@ -502,9 +594,9 @@ impl MetricsRecorder for Collector {
             MetricEvent::CacheLookup { tier, hit } => {
                 let t = tier_index(tier);
                 if hit {
-                    shard.cache_hits[t].fetch_add(1, Relaxed);
+                    U::add(&shard.cache_hits[t], 1);
                 } else {
-                    shard.cache_misses[t].fetch_add(1, Relaxed);
+                    U::add(&shard.cache_misses[t], 1);
                 }
             }
             MetricEvent::Compress {
@@ -514,14 +606,14 @@ impl MetricsRecorder for Collector {
                 rel_error,
             } => {
                 let k = kind_index(kind);
-                shard.compressions[k].fetch_add(1, Relaxed);
-                shard.compress_input[k].fetch_add(input_bytes, Relaxed);
-                shard.compress_output[k].fetch_add(output_bytes, Relaxed);
+                U::add(&shard.compressions[k], 1);
+                U::add(&shard.compress_input[k], input_bytes);
+                U::add(&shard.compress_output[k], output_bytes);
                 if rel_error.is_finite() && rel_error >= 0.0 {
-                    add_f64(&shard.compress_error_sum[k], rel_error);
-                    shard.compress_error_max[k].fetch_max(rel_error.to_bits(), Relaxed);
+                    U::add_f64(&shard.compress_error_sum[k], rel_error);
+                    U::max(&shard.compress_error_max[k], rel_error.to_bits());
                 } else {
-                    shard.compress_error_invalid[k].fetch_add(1, Relaxed);
+                    U::add(&shard.compress_error_invalid[k], 1);
                 }
             }
             MetricEvent::Swap {
@@ -530,25 +622,25 @@ impl MetricsRecorder for Collector {
                 latency,
             } => {
                 let d = if out { 0 } else { 1 };
-                shard.swap_ops[d].fetch_add(1, Relaxed);
-                shard.swap_bytes[d].fetch_add(bytes, Relaxed);
-                shard.swap_latency[d].record(nanos(latency));
+                U::add(&shard.swap_ops[d], 1);
+                U::add(&shard.swap_bytes[d], bytes);
+                shard.swap_latency[d].record::<U>(nanos(latency));
             }
             MetricEvent::Migration { from, to, bytes } => {
                 let i = tier_index(from) * TIERS + tier_index(to);
-                shard.migrations[i].fetch_add(1, Relaxed);
-                shard.migration_bytes[i].fetch_add(bytes, Relaxed);
+                U::add(&shard.migrations[i], 1);
+                U::add(&shard.migration_bytes[i], bytes);
             }
             MetricEvent::GcRun { freed, pause } => {
                 let p = nanos(pause);
-                shard.gc_runs.fetch_add(1, Relaxed);
-                shard.gc_freed.fetch_add(freed, Relaxed);
-                shard.gc_pause.record(p);
-                shard.gc_pause_max_nanos.fetch_max(p, Relaxed);
+                U::add(&shard.gc_runs, 1);
+                U::add(&shard.gc_freed, freed);
+                shard.gc_pause.record::<U>(p);
+                U::max(&shard.gc_pause_max_nanos, p);
             }
             MetricEvent::Tokens { count, elapsed } => {
-                shard.tokens.fetch_add(count, Relaxed);
-                shard.token_nanos.fetch_add(nanos(elapsed), Relaxed);
+                U::add(&shard.tokens, count);
+                U::add(&shard.token_nanos, nanos(elapsed));
             }
         }
     }
@@ -655,6 +747,58 @@ mod tests {
         assert_eq!(kv.relative_error_sum, 0.5 * n as f64);
         assert_eq!(s.tokens.count, n);
         assert_eq!(s.tokens.elapsed_seconds, n as f64 * 1e-3);
+    }
+
+    #[test]
+    fn more_threads_than_owned_shards_stay_exact() {
+        let c = Arc::new(Collector::new());
+        let threads = OWNED_SHARDS + 8;
+        let per_thread = 2_000u64;
+        // All alive at once, so that some must use the shared shard.
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let c = Arc::clone(&c);
+                let barrier = Arc::clone(&barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    for _ in 0..per_thread {
+                        c.record(&MetricEvent::GcRun {
+                            freed: 3,
+                            pause: Duration::from_nanos(5),
+                        });
+                    }
+                    barrier.wait();
+                });
+            }
+        });
+        let s = c.snapshot();
+        let n = threads as u64 * per_thread;
+        assert_eq!(s.gc.runs, n);
+        assert_eq!(s.gc.freed_bytes, 3 * n);
+        assert_eq!(s.gc.pause.count(), n);
+        assert_eq!(s.gc.pause.sum_nanos, 5 * n);
+        // Some threads found no free owned shard and shared one.
+        let shared = c.shards[SHARED_SHARD].gc_runs.load(Relaxed);
+        assert!(shared > 0, "no thread used the shared shard");
+    }
+
+    #[test]
+    fn exited_threads_hand_their_shard_to_new_ones() {
+        let c = Arc::new(Collector::new());
+        for round in 0..(3 * OWNED_SHARDS as u64) {
+            let c2 = Arc::clone(&c);
+            std::thread::spawn(move || {
+                c2.record(&MetricEvent::Tokens {
+                    count: round,
+                    elapsed: Duration::from_nanos(1),
+                })
+            })
+            .join()
+            .unwrap();
+        }
+        let n = 3 * OWNED_SHARDS as u64;
+        assert_eq!(c.snapshot().tokens.count, n * (n - 1) / 2);
     }
 
     #[test]

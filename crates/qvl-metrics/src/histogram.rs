@@ -1,5 +1,6 @@
 //! Log2-bucketed histograms of durations, lock-free to record into.
 
+use crate::collector::Update;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -49,10 +50,10 @@ impl Default for AtomicHistogram {
 }
 
 impl AtomicHistogram {
-    #[inline]
-    pub(crate) fn record(&self, nanos: u64) {
-        self.buckets[bucket_of(nanos)].fetch_add(1, Relaxed);
-        self.sum_nanos.fetch_add(nanos, Relaxed);
+    #[inline(always)]
+    pub(crate) fn record<U: Update>(&self, nanos: u64) {
+        U::add(&self.buckets[bucket_of(nanos)], 1);
+        U::add(&self.sum_nanos, nanos);
     }
 
     /// Adds this histogram's counts into `into`.
@@ -156,7 +157,7 @@ mod tests {
     fn quantiles_and_means() {
         let h = AtomicHistogram::default();
         for v in [100u64, 200, 300, 4000] {
-            h.record(v);
+            h.record::<crate::collector::SharedUpdate>(v);
         }
         let mut s = HistogramSnapshot::default();
         h.add_into(&mut s);

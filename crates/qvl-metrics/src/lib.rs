@@ -38,3 +38,7 @@ pub use snapshot::{
     MemoryReport, MigrationSnapshot, PerformanceReport, Snapshot, SwapDirectionSnapshot,
     TierSnapshot, TokensSnapshot,
 };
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
