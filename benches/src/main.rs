@@ -9,6 +9,7 @@ mod cache;
 mod compress;
 mod metrics;
 mod model;
+mod pool;
 
 use anyhow::{bail, Context, Result};
 use qvl_core::bench::BenchReport;
@@ -30,7 +31,7 @@ type PhaseFn = fn(&BenchOptions) -> Result<BenchReport>;
 /// Every phase: name, what it measures, its function (None until its issue lands).
 const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("model", "prefill and decode tokens/s against the memory-bandwidth bound", Some(model::run)),
-    ("pool", "allocation time and reserved memory against the system allocator", None),
+    ("pool", "allocation time and reserved memory against the system allocator", Some(pool::run)),
     ("cache", "hit ratio on the Mooncake trace against LRU and Belady", Some(cache::run)),
     ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
     ("swap", "long-context decode throughput with KV swapped to SSD", None),

@@ -82,8 +82,11 @@ pub struct BfcArena<B: Backing> {
     granule: usize,
     nodes: Vec<Node>,
     spare: Vec<u32>,
-    /// Free blocks by (size, offset): the first at or above a size is the best fit.
-    free_set: BTreeSet<(usize, usize, u32)>,
+    /// Free blocks whose pages are committed, by (size, offset): the first at
+    /// or above a size is the best fit.
+    free_committed: BTreeSet<(usize, usize, u32)>,
+    /// Free blocks given back to the OS, likewise.
+    free_released: BTreeSet<(usize, usize, u32)>,
     /// The block ending at `top`, or NONE when the arena is empty.
     tail: u32,
     /// End of the carved part of the range.
@@ -104,7 +107,8 @@ impl<B: Backing> BfcArena<B> {
             granule,
             nodes: Vec::new(),
             spare: Vec::new(),
-            free_set: BTreeSet::new(),
+            free_committed: BTreeSet::new(),
+            free_released: BTreeSet::new(),
             tail: NONE,
             top: 0,
             released: 0,
@@ -129,8 +133,12 @@ impl<B: Backing> BfcArena<B> {
         ArenaStats {
             reserved: self.top - self.released,
             allocated: self.allocated,
-            free_blocks: self.free_set.len(),
-            largest_free: self.free_set.last().map_or(0, |e| e.0),
+            free_blocks: self.free_committed.len() + self.free_released.len(),
+            largest_free: self
+                .free_committed
+                .last()
+                .map_or(0, |e| e.0)
+                .max(self.free_released.last().map_or(0, |e| e.0)),
             commits: self.commits,
             decommits: self.decommits,
         }
@@ -155,7 +163,14 @@ impl<B: Backing> BfcArena<B> {
     /// growing. None when no free block is large enough.
     pub fn alloc_cached(&mut self, bytes: usize) -> Option<Block> {
         let size = self.round(bytes)?;
-        let &(_, _, idx) = self.free_set.range((size, 0, 0)..).next()?;
+        // Best fit over both sets; on a tie in size, committed pages win.
+        let committed = self.free_committed.range((size, 0, 0)..).next();
+        let released = self.free_released.range((size, 0, 0)..).next();
+        let &(_, _, idx) = match (committed, released) {
+            (Some(c), Some(r)) if r.0 < c.0 => r,
+            (Some(c), _) => c,
+            (None, r) => r?,
+        };
         Some(self.take(idx, size))
     }
 
@@ -182,11 +197,11 @@ impl<B: Backing> BfcArena<B> {
         self.top += need;
         if tail_free {
             let tail = self.tail;
-            let (old_size, offset, released) = {
+            let (old_size, released) = {
                 let n = self.node(tail);
-                (n.size, n.offset, n.released)
+                (n.size, n.released)
             };
-            self.free_set.remove(&(old_size, offset, tail));
+            self.remove_free(tail);
             if released {
                 // The old part comes back into use with the new one.
                 self.released -= old_size;
@@ -194,7 +209,7 @@ impl<B: Backing> BfcArena<B> {
             let n = self.node_mut(tail);
             n.released = false;
             n.size += need;
-            self.free_set.insert((size, offset, tail));
+            self.insert_free(tail);
             Ok(Some(self.take(tail, size)))
         } else {
             let idx = self.new_node(Node {
@@ -211,7 +226,7 @@ impl<B: Backing> BfcArena<B> {
                 self.node_mut(tail).next = idx;
             }
             self.tail = idx;
-            self.free_set.insert((size, self.top - need, idx));
+            self.insert_free(idx);
             Ok(Some(self.take(idx, size)))
         }
     }
@@ -220,7 +235,7 @@ impl<B: Backing> BfcArena<B> {
     fn take(&mut self, idx: u32, size: usize) -> Block {
         let n = self.node(idx).clone();
         debug_assert!(n.state == State::Free && n.size >= size);
-        self.free_set.remove(&(n.size, n.offset, idx));
+        self.remove_free(idx);
         if n.released {
             self.released -= size;
         }
@@ -240,7 +255,7 @@ impl<B: Backing> BfcArena<B> {
             } else {
                 self.tail = rest;
             }
-            self.free_set.insert((n.size - size, n.offset + size, rest));
+            self.insert_free(rest);
             self.node_mut(idx).next = rest;
         }
         let node = self.node_mut(idx);
@@ -292,8 +307,7 @@ impl<B: Backing> BfcArena<B> {
         if next != NONE && self.node(next).state == State::Free {
             self.absorb_next(idx);
         }
-        let n = self.node(idx);
-        self.free_set.insert((n.size, n.offset, idx));
+        self.insert_free(idx);
         Ok(size)
     }
 
@@ -304,8 +318,8 @@ impl<B: Backing> BfcArena<B> {
         let a = self.node(idx).clone();
         let b_idx = a.next;
         let b = self.node(b_idx).clone();
-        self.free_set.remove(&(a.size, a.offset, idx));
-        self.free_set.remove(&(b.size, b.offset, b_idx));
+        self.remove_free(idx);
+        self.remove_free(b_idx);
         // A released part comes back as cached: it will be touched again.
         if a.released {
             self.released -= a.size;
@@ -342,7 +356,7 @@ impl<B: Backing> BfcArena<B> {
             } else {
                 self.released -= n.size;
             }
-            self.free_set.remove(&(n.size, n.offset, tail));
+            self.remove_free(tail);
             self.top = n.offset;
             self.tail = n.prev;
             if n.prev != NONE {
@@ -350,21 +364,46 @@ impl<B: Backing> BfcArena<B> {
             }
             self.retire(tail);
         }
-        let unreleased: Vec<u32> = self
-            .free_set
-            .iter()
-            .map(|&(_, _, idx)| idx)
-            .filter(|&idx| !self.node(idx).released)
-            .collect();
-        for idx in unreleased {
+        Ok(freed + self.decommit_free()?)
+    }
+
+    /// Decommits every committed free block.
+    fn decommit_free(&mut self) -> Result<usize, PoolError> {
+        let blocks: Vec<u32> = self.free_committed.iter().map(|&(_, _, idx)| idx).collect();
+        let mut freed = 0;
+        for idx in blocks {
             let (offset, size) = (self.node(idx).offset, self.node(idx).size);
             self.backing.decommit(offset, size)?;
             self.decommits += 1;
+            self.remove_free(idx);
             self.node_mut(idx).released = true;
+            self.insert_free(idx);
             self.released += size;
             freed += size;
         }
         Ok(freed)
+    }
+
+    /// Files free block `idx` under its size, offset and state.
+    fn insert_free(&mut self, idx: u32) {
+        let n = &self.nodes[idx as usize];
+        let key = (n.size, n.offset, idx);
+        if n.released {
+            self.free_released.insert(key);
+        } else {
+            self.free_committed.insert(key);
+        }
+    }
+
+    /// Unfiles free block `idx`; call before changing its size, offset or state.
+    fn remove_free(&mut self, idx: u32) {
+        let n = &self.nodes[idx as usize];
+        let key = (n.size, n.offset, idx);
+        if n.released {
+            self.free_released.remove(&key);
+        } else {
+            self.free_committed.remove(&key);
+        }
     }
 
     fn node(&self, idx: u32) -> &Node {
@@ -420,7 +459,12 @@ impl<B: Backing> BfcArena<B> {
                 }
                 State::Free => {
                     assert!(!last_free, "adjacent free blocks must be merged");
-                    assert!(self.free_set.contains(&(n.size, n.offset, idx)));
+                    let set = if n.released {
+                        &self.free_released
+                    } else {
+                        &self.free_committed
+                    };
+                    assert!(set.contains(&(n.size, n.offset, idx)));
                     free += 1;
                     if n.released {
                         released += n.size;
@@ -435,7 +479,7 @@ impl<B: Backing> BfcArena<B> {
         assert_eq!(offset, self.top);
         assert_eq!(allocated, self.allocated);
         assert_eq!(released, self.released);
-        assert_eq!(free, self.free_set.len());
+        assert_eq!(free, self.free_committed.len() + self.free_released.len());
     }
 }
 

@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
-/// Before the arena grows, empty runs of the size classes and slab pools are
-/// handed back to it when at least this much slot memory sits unused.
-const RECLAIM_MIN: usize = 4 << 20;
+/// Empty runs are reclaimed before the arena grows, but at most once per
+/// this many misses of the arena: a reclaim scans every free slot.
+const RECLAIM_EVERY: usize = 16;
 /// Alignment every buffer has at least.
 const MIN_ALIGN: usize = AllocRequest::DEFAULT_ALIGN;
 
@@ -85,6 +85,8 @@ struct Inner {
     arena: BfcArena<HostBacking>,
     classes: Vec<SlotStore>,
     slabs: Vec<SlabPool>,
+    /// Arena misses since empty runs were last reclaimed.
+    blocks_since_reclaim: usize,
 }
 
 #[derive(Default)]
@@ -316,6 +318,7 @@ impl HostPool {
                 arena,
                 classes,
                 slabs,
+                blocks_since_reclaim: RECLAIM_EVERY,
             }),
             counters: Counters::default(),
             recorder,
@@ -443,21 +446,6 @@ impl BufferAllocator for HostPool {
 }
 
 impl Inner {
-    /// Unused bytes in size-class and slab slots held by the shared stores.
-    fn cached_slot_bytes(&self) -> usize {
-        let classes: usize = self
-            .classes
-            .iter()
-            .map(|s| s.free_slots() * s.slot_bytes())
-            .sum();
-        let slabs: usize = self
-            .slabs
-            .iter()
-            .map(|s| s.store.free_slots() * s.store.slot_bytes())
-            .sum();
-        classes + slabs
-    }
-
     /// Hands runs whose slots are all free back to the arena; slab pools
     /// keep their initial slots when `keep_initial`.
     fn reclaim_runs(&mut self, keep_initial: bool) -> Result<usize, PoolError> {
@@ -473,18 +461,32 @@ impl Inner {
     }
 
     /// A block of at least `bytes`: a cached one, else one made by handing
-    /// empty runs back (when that is worth it) or by growing the arena, else
-    /// one from handing every empty run back. None when the arena is full.
-    fn alloc_block(&mut self, bytes: usize) -> Result<Option<Block>, PoolError> {
-        if let Some(block) = self.arena.alloc_cached(bytes) {
+    /// empty runs back, else one from growing the arena. None when the arena
+    /// is full. `long_lived` blocks (runs of slots) are placed high.
+    fn alloc_block(
+        &mut self,
+        bytes: usize,
+        pool: &Arc<Shared>,
+    ) -> Result<Option<Block>, PoolError> {
+        let cached = |arena: &mut BfcArena<HostBacking>| arena.alloc_cached(bytes);
+        if let Some(block) = cached(&mut self.arena) {
             return Ok(Some(block));
         }
-        let reserved = self.arena.stats().reserved;
-        if self.cached_slot_bytes() >= RECLAIM_MIN.max(reserved / 16)
-            && self.reclaim_runs(true)? > 0
-        {
-            if let Some(block) = self.arena.alloc_cached(bytes) {
-                return Ok(Some(block));
+        // Memory stuck in empty runs is what makes reserved exceed live, so
+        // before growing, reclaim them, with this thread's cached slots back
+        // in their runs. (Taking the thread cache under the lock is safe: no
+        // path holding a thread cache waits for anything this thread holds.)
+        // Not at every miss: runs taken back for a large block and then
+        // needed again by their class would bounce between the two, each
+        // time paying for the scan, instead of the arena growing once.
+        self.blocks_since_reclaim += 1;
+        if self.blocks_since_reclaim >= RECLAIM_EVERY {
+            self.blocks_since_reclaim = 0;
+            tls::with_cache(pool, |cache| cache.drain_into(self));
+            if self.reclaim_runs(true)? > 0 {
+                if let Some(block) = cached(&mut self.arena) {
+                    return Ok(Some(block));
+                }
             }
         }
         if let Some(block) = self.arena.alloc(bytes)? {
@@ -557,7 +559,7 @@ impl Shared {
         }
         let block = {
             let mut inner = self.lock();
-            let block = inner.alloc_block(bytes)?;
+            let block = inner.alloc_block(bytes, self)?;
             self.note_reserved(&inner);
             block
         };
@@ -579,7 +581,7 @@ impl Shared {
             let mut inner = self.lock();
             if inner.classes[class].free_slots() == 0 {
                 let want = inner.classes[class].run_request(batch_len);
-                let block = inner.alloc_block(want)?;
+                let block = inner.alloc_block(want, self)?;
                 self.note_reserved(&inner);
                 match block {
                     Some(block) => inner.classes[class].add_run(block),
@@ -608,12 +610,16 @@ impl Shared {
         Ok(Some(first))
     }
 
-    fn slab_take(&self, inner: &mut Inner, slab: usize) -> Result<Option<usize>, PoolError> {
+    fn slab_take(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        slab: usize,
+    ) -> Result<Option<usize>, PoolError> {
         if let Some(offset) = inner.slabs[slab].store.pop() {
             return Ok(Some(offset));
         }
         let want = inner.slabs[slab].store.run_request(1);
-        let block = inner.alloc_block(want)?;
+        let block = inner.alloc_block(want, self)?;
         self.note_reserved(inner);
         Ok(block.and_then(|block| {
             let store = &mut inner.slabs[slab].store;
@@ -993,6 +999,22 @@ mod tests {
             err.to_string(),
             "pool.specialized_pools.kv: 100 initial slots of 64KiB need 6.2MiB, more than max_pool_size 1MiB"
         );
+    }
+
+    #[test]
+    fn empty_runs_serve_large_blocks_before_the_arena_grows() {
+        let p = pool(ByteSize::mib(64));
+        let small: Vec<_> = (0..1024).map(|_| p.allocate(&act(4096)).unwrap()).collect();
+        let reserved = p.stats().reserved_bytes;
+        assert!(reserved >= 4 << 20);
+        drop(small);
+        // The runs are empty (partly in this thread's cache): a large block
+        // takes their memory instead of growing the arena.
+        let big = p.allocate(&act(3 << 20)).unwrap();
+        assert!(big.is_pooled());
+        assert_eq!(p.stats().reserved_bytes, reserved);
+        drop(big);
+        assert_eq!(p.stats().allocated_bytes, 0);
     }
 
     #[test]

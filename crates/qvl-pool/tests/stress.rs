@@ -83,11 +83,15 @@ fn run_threads(pool: &HostPool) {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..THREADS)
         .map(|_| mpsc::channel::<(PoolBuffer, u64)>())
         .unzip();
-    std::thread::scope(|scope| {
-        for (t, inbox) in receivers.into_iter().enumerate() {
+    // Plain threads joined one by one rather than a scope: joining waits for
+    // the thread's thread-local destructors too, which hand its cache back.
+    let workers: Vec<_> = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(t, inbox)| {
             let pool = pool.clone();
             let peer = senders[(t + 1) % THREADS].clone();
-            scope.spawn(move || {
+            std::thread::spawn(move || {
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 0x1234_5678_9abc));
                 let mut live: Vec<(PoolBuffer, u64)> = Vec::new();
                 for op in 0..OPS_PER_THREAD {
@@ -132,10 +136,13 @@ fn run_threads(pool: &HostPool) {
                 {
                     check(&buf, tag);
                 }
-            });
-        }
-        drop(senders);
-    });
+            })
+        })
+        .collect();
+    drop(senders);
+    for worker in workers {
+        worker.join().unwrap();
+    }
 }
 
 #[test]
