@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | [`ExactF32`] | [`ids::EXACT_F32`] | f32 as is (critical layers) |
 //! | [`HalfFloat`] | [`ids::F16`], [`ids::BF16`] | 16-bit floats |
-//! | [`GroupQuant`] | [`ids::INT8`], [`ids::INT4`] | group-wise int8/int4, symmetric or asymmetric, per token or per channel |
+//! | [`GroupQuant`] | [`ids::INT8`], [`ids::INT4`] | group-wise int8/int4, symmetric or asymmetric, per token or per channel; [`QuantizedRows`] dequantizes single rows (matmul tiles) |
 //! | [`KvBlockCodec`] | [`ids::KV_BLOCK`] | KIVI: quantized middle, exact sink and recent tokens |
 //! | [`LowRank`] | [`ids::LOW_RANK`] | truncated SVD (faer) |
 //! | [`SparseTopK`] | [`ids::SPARSE`] | magnitude top-k in CSR |
@@ -44,7 +44,7 @@ pub use lossless::ZstdStage;
 #[cfg(feature = "nalgebra-baseline")]
 pub use lowrank::baseline;
 pub use lowrank::{FactorStorage, LowRank, RankRule};
-pub use quant::{GroupQuant, QuantAxis, QuantBits};
+pub use quant::{GroupQuant, QuantAxis, QuantBits, QuantizedRows};
 pub use selector::{Candidate, KvPart, Selection, Selector, Target};
 pub use sparse::SparseTopK;
 
@@ -177,6 +177,11 @@ mod tests {
                     let mut bad = e.bytes.clone();
                     bad[i] ^= flip;
                     let _ = decode_any(&bad, &shape, &mut out);
+                    if let Ok(rows) = QuantizedRows::parse(&bad, &shape) {
+                        for r in 0..rows.rows() {
+                            let _ = rows.dequantize_row(r, &mut out[..rows.cols()]);
+                        }
+                    }
                 }
             }
         }

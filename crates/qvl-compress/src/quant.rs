@@ -128,6 +128,107 @@ impl Geometry {
     }
 }
 
+/// A checked encoding: its settings, codes and parameters.
+struct Parsed<'a> {
+    quant: GroupQuant,
+    geo: Geometry,
+    codes: &'a [u8],
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+}
+
+/// An int8/int4 encoding in the per-token layout whose rows can be
+/// dequantized one at a time, e.g. a weight tile inside a matmul or the
+/// tokens of a KV block that attention is reading, without decoding the
+/// whole tensor.
+pub struct QuantizedRows<'a> {
+    parsed: Parsed<'a>,
+    row_code_bytes: usize,
+    groups_per_row: usize,
+}
+
+impl<'a> QuantizedRows<'a> {
+    /// Checks `bytes` (made by [`GroupQuant`] with [`QuantAxis::PerToken`])
+    /// for `shape`, viewed as `[rows, cols]` with `cols` the last dimension.
+    pub fn parse(bytes: &'a [u8], shape: &[usize]) -> Result<Self> {
+        let id = crate::format::peek_codec(bytes)?;
+        if id != ids::INT8 && id != ids::INT4 {
+            return Err(CompressError::malformed(
+                "quantized rows",
+                format!("{id} is not int8 or int4"),
+            ));
+        }
+        let n = crate::format::elements_of(shape)?;
+        let parsed = GroupQuant::parse(id, bytes, shape, n)?;
+        if parsed.quant.axis != QuantAxis::PerToken {
+            return Err(CompressError::malformed(
+                "quantized rows",
+                "per-channel groups span rows; decode the whole tensor instead",
+            ));
+        }
+        let rows = parsed.geo.slabs * parsed.geo.rows;
+        let (groups, code_bytes) = (parsed.scales.len(), parsed.codes.len());
+        Ok(QuantizedRows {
+            row_code_bytes: code_bytes.checked_div(rows).unwrap_or(0),
+            groups_per_row: groups.checked_div(rows).unwrap_or(0),
+            parsed,
+        })
+    }
+
+    /// Rows of the `[rows, cols]` view.
+    pub fn rows(&self) -> usize {
+        self.parsed.geo.slabs * self.parsed.geo.rows
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.parsed.geo.cols
+    }
+
+    /// The quantizer's settings, as read from the bytes.
+    pub fn quant(&self) -> GroupQuant {
+        self.parsed.quant
+    }
+
+    /// Dequantizes row `row` into `out` (`cols` values).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        let cols = self.cols();
+        if row >= self.rows() {
+            return Err(CompressError::ShapeMismatch {
+                what: format!("row index into {} rows", self.rows()),
+                expected: self.rows(),
+                actual: row,
+            });
+        }
+        if out.len() != cols {
+            return Err(CompressError::ShapeMismatch {
+                what: "output row".into(),
+                expected: cols,
+                actual: out.len(),
+            });
+        }
+        let p = &self.parsed;
+        let g = p.quant.group_size;
+        let mut at = row * self.row_code_bytes;
+        for (gi, grp) in (row * self.groups_per_row..).zip(out.chunks_mut(g)) {
+            let (s, lo) = (p.scales[gi], p.mins[gi]);
+            let len = grp.len();
+            match p.quant.bits {
+                QuantBits::Int8 => {
+                    dequantize_scalar(&p.codes[at..at + len], lo, s, grp);
+                    at += len;
+                }
+                QuantBits::Int4 => {
+                    let packed = len.div_ceil(2);
+                    unpack_halves(&p.codes[at..at + packed], lo, s, grp);
+                    at += packed;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Counts of groups and code bytes of one layout.
 fn layout(axis: QuantAxis, bits: QuantBits, g: usize, geo: Geometry) -> (usize, usize) {
     if geo.slabs == 0 {
@@ -413,6 +514,52 @@ impl GroupQuant {
         Ok(stats)
     }
 
+    /// Checks an int8/int4 encoding and reads its parameters.
+    fn parse<'a>(id: CodecId, bytes: &'a [u8], shape: &[usize], n: usize) -> Result<Parsed<'a>> {
+        let bits = if id == ids::INT8 {
+            QuantBits::Int8
+        } else {
+            QuantBits::Int4
+        };
+        let label = Self::label(bits);
+        let mut r = Reader::open(bytes, label, id, shape)?;
+        let stored_bits = r.u8()?;
+        if stored_bits as u32 != bits.bits() {
+            return Err(r.err(format!("{stored_bits} bits stored under the {label} id")));
+        }
+        let flags = r.u8()?;
+        if flags & !(FLAG_SYMMETRIC | FLAG_PER_CHANNEL | FLAG_F32_PARAMS) != 0 {
+            return Err(r.err(format!("unknown flags {flags:#x}")));
+        }
+        let g = r.u32()? as usize;
+        let axis = if flags & FLAG_PER_CHANNEL != 0 {
+            QuantAxis::PerChannel
+        } else {
+            QuantAxis::PerToken
+        };
+        let quant = GroupQuant::new(bits, flags & FLAG_SYMMETRIC != 0, g, axis)
+            .map_err(|e| r.err(format!("group size: {e}")))?;
+        let geo = Geometry::of(shape, n);
+        let (groups, code_bytes) = layout(axis, bits, g, geo);
+        let width = if flags & FLAG_F32_PARAMS != 0 { 4 } else { 2 };
+        let codes = r.take(code_bytes)?;
+        let scales = read_params(r.take_items(groups, width)?, width);
+        let mins = if quant.symmetric {
+            let half_codes = (1u32 << (bits.bits() - 1)) as f32;
+            scales.iter().map(|s| -half_codes * s).collect()
+        } else {
+            read_params(r.take_items(groups, width)?, width)
+        };
+        r.finish()?;
+        Ok(Parsed {
+            quant,
+            geo,
+            codes,
+            scales,
+            mins,
+        })
+    }
+
     /// Decodes int8 or int4 bytes; every parameter comes from the bytes.
     pub(crate) fn decode_bytes(
         id: CodecId,
@@ -446,42 +593,15 @@ impl GroupQuant {
         shape: &[usize],
         out: &mut [f32],
     ) -> Result<()> {
-        let bits = if id == ids::INT8 {
-            QuantBits::Int8
-        } else {
-            QuantBits::Int4
-        };
-        let label = Self::label(bits);
         let n = check_len(shape, out.len(), "output buffer")?;
-        let mut r = Reader::open(bytes, label, id, shape)?;
-        let stored_bits = r.u8()?;
-        if stored_bits as u32 != bits.bits() {
-            return Err(r.err(format!("{stored_bits} bits stored under the {label} id")));
-        }
-        let flags = r.u8()?;
-        if flags & !(FLAG_SYMMETRIC | FLAG_PER_CHANNEL | FLAG_F32_PARAMS) != 0 {
-            return Err(r.err(format!("unknown flags {flags:#x}")));
-        }
-        let g = r.u32()? as usize;
-        let axis = if flags & FLAG_PER_CHANNEL != 0 {
-            QuantAxis::PerChannel
-        } else {
-            QuantAxis::PerToken
-        };
-        let q = GroupQuant::new(bits, flags & FLAG_SYMMETRIC != 0, g, axis)
-            .map_err(|e| r.err(format!("group size: {e}")))?;
-        let geo = Geometry::of(shape, n);
-        let (groups, code_bytes) = layout(axis, bits, g, geo);
-        let width = if flags & FLAG_F32_PARAMS != 0 { 4 } else { 2 };
-        let codes = r.take(code_bytes)?;
-        let scales = read_params(r.take_items(groups, width)?, width);
-        let mins = if q.symmetric {
-            let half_codes = (1u32 << (bits.bits() - 1)) as f32;
-            scales.iter().map(|s| -half_codes * s).collect()
-        } else {
-            read_params(r.take_items(groups, width)?, width)
-        };
-        r.finish()?;
+        let Parsed {
+            quant: q,
+            geo,
+            codes,
+            scales,
+            mins,
+        } = Self::parse(id, bytes, shape, n)?;
+        let (bits, axis, g) = (q.bits, q.axis, q.group_size);
         if n == 0 {
             return Ok(());
         }
@@ -963,6 +1083,29 @@ mod tests {
             .encode(&z, &[5, 8])
             .unwrap();
         assert_eq!(e.report.max_abs, 0.0);
+    }
+
+    #[test]
+    fn rows_dequantize_one_at_a_time() {
+        let x = data(9 * 70, 5);
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            let q = GroupQuant::new(bits, false, 32, QuantAxis::PerToken).unwrap();
+            let e = q.encode(&x, &[3, 3, 70]).unwrap();
+            let mut whole = vec![0f32; x.len()];
+            q.decode(&e.bytes, &[3, 3, 70], &mut whole).unwrap();
+            let rows = QuantizedRows::parse(&e.bytes, &[3, 3, 70]).unwrap();
+            assert_eq!((rows.rows(), rows.cols()), (9, 70));
+            let mut row = vec![0f32; 70];
+            for r in (0..9).rev() {
+                rows.dequantize_row(r, &mut row).unwrap();
+                assert_eq!(row, whole[r * 70..(r + 1) * 70], "{bits:?} row {r}");
+            }
+            assert!(rows.dequantize_row(9, &mut row).is_err());
+            assert!(rows.dequantize_row(0, &mut row[..69]).is_err());
+        }
+        let chan = GroupQuant::new(QuantBits::Int4, false, 8, QuantAxis::PerChannel).unwrap();
+        let e = chan.encode(&x, &[9, 70]).unwrap();
+        assert!(QuantizedRows::parse(&e.bytes, &[9, 70]).is_err());
     }
 
     #[test]
