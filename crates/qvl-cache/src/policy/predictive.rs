@@ -54,9 +54,13 @@ const GAP_BUCKETS: usize = 8;
 /// Parent read-count buckets for first accesses: no parent known, then the
 /// read-count buckets 1.. of the parent.
 const ORIGIN_BUCKETS: usize = FREQ_BUCKETS;
-/// Classes: partial blocks, first accesses by origin, reread blocks by read
-/// count and last gap.
-const CLASSES: usize =
+/// Classes: partial blocks, superseded branches, first accesses by origin
+/// and position, reread blocks by read count and last gap (all KV blocks),
+/// then the other tensor kinds by read count.
+const CLASSES: usize = OTHER_KINDS_CLASS + (TensorKind::ALL.len() - 1) * FREQ_BUCKETS;
+/// First class of tensors other than KV blocks (vision embeddings, weights),
+/// whose reuse has nothing to do with prompt chains.
+const OTHER_KINDS_CLASS: usize =
     FIRST_CHAIN_CLASS + ORIGIN_BUCKETS * POSITION_BUCKETS + (FREQ_BUCKETS - 1) * GAP_BUCKETS;
 /// Position buckets for first accesses, log2 scale: blocks deep in a long
 /// prompt are shared by fewer later requests than blocks near its start.
@@ -76,6 +80,16 @@ const HUB_SWITCHES: u8 = 2;
 /// Longest branch walked when marking a superseded branch (bounds the worst
 /// case; the walk stops earlier at blocks no longer tracked).
 const MAX_SUPERSEDE_WALK: usize = 4096;
+
+/// Index of [`TensorKind::KvCache`] in [`TensorKind::ALL`].
+const KV_KIND: usize = 1;
+
+fn kind_index(kind: TensorKind) -> usize {
+    TensorKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(KV_KIND)
+}
 
 fn freq_bucket(reads: u32) -> usize {
     match reads {
@@ -193,6 +207,8 @@ struct Life {
     /// Reads so far (accesses after the first).
     reads: u32,
     class: u8,
+    /// Index of the tensor kind in [`TensorKind::ALL`].
+    kind: u8,
     /// Read-count bucket of the chain this block continues, passed down
     /// through blocks first seen together.
     origin: u8,
@@ -271,8 +287,13 @@ impl Predictive {
     /// The class of a block with `reads` reads and the latest `gap` between
     /// two of them; for a first access, by its chain's `origin` (the
     /// parent's read-count bucket) and its position.
-    fn class_of(reads: u32, gap: u64, origin: u8, position: u32) -> usize {
+    fn class_of(kind: u8, reads: u32, gap: u64, origin: u8, position: u32) -> usize {
         let f = freq_bucket(reads);
+        if usize::from(kind) != KV_KIND {
+            // Kinds other than KV sort after it in TensorKind::ALL order.
+            let other = usize::from(kind) - usize::from(usize::from(kind) > KV_KIND);
+            return OTHER_KINDS_CLASS + other * FREQ_BUCKETS + f;
+        }
         if f == 0 {
             FIRST_CHAIN_CLASS
                 + usize::from(origin).min(ORIGIN_BUCKETS - 1) * POSITION_BUCKETS
@@ -522,13 +543,11 @@ impl EvictionPolicy for Predictive {
         if self.entries.contains_key(&key) {
             self.detach(&key);
         }
-        let kind_index = TensorKind::ALL
-            .iter()
-            .position(|k| *k == info.kind)
-            .unwrap_or(0);
-        let full = &mut self.full_bytes[kind_index];
+        let kind = kind_index(info.kind);
+        let full = &mut self.full_bytes[kind];
         *full = (*full).max(info.bytes);
-        let partial = info.bytes < *full;
+        // Only a KV block can be a prompt's partly filled tail.
+        let partial = kind == KV_KIND && info.bytes < *full;
         let (reads, gap, origin) = match self.ghosts.remove(&key) {
             Some(g) => {
                 // It would have been a hit had it stayed: a reuse of its
@@ -557,7 +576,7 @@ impl EvictionPolicy for Predictive {
         let class = if partial {
             PARTIAL_CLASS
         } else {
-            Self::class_of(reads, gap, origin, info.position)
+            Self::class_of(kind as u8, reads, gap, origin, info.position)
         };
         self.high_water = self.high_water.max(self.entries.len() + 1);
         let life = Life {
@@ -565,6 +584,7 @@ impl EvictionPolicy for Predictive {
             credited: 0,
             reads,
             class: class as u8,
+            kind: kind as u8,
             origin,
             child_switches: 0,
             parent: info.parent,
@@ -603,7 +623,7 @@ impl EvictionPolicy for Predictive {
         let new_class = if old_class == PARTIAL_CLASS {
             PARTIAL_CLASS
         } else {
-            Self::class_of(life.reads, gap, life.origin, 0)
+            Self::class_of(life.kind, life.reads, gap, life.origin, 0)
         };
         life.class = new_class as u8;
         let parent = life.parent;
@@ -663,6 +683,31 @@ mod tests {
 
     fn k(i: u64) -> BlockKey {
         BlockKey::from_id(i)
+    }
+
+    #[test]
+    fn kinds_have_their_own_classes() {
+        assert_eq!(TensorKind::ALL[KV_KIND], TensorKind::KvCache);
+        assert!(CLASSES <= usize::from(u8::MAX) + 1);
+        let mut seen = std::collections::HashSet::new();
+        for kind in TensorKind::ALL {
+            for reads in [0, 1, 5, 100] {
+                let c = Predictive::class_of(kind_index(kind) as u8, reads, 100, 5, 3);
+                assert!(c < CLASSES);
+                assert!(seen.insert(c), "{kind} {reads}");
+            }
+        }
+        // A small vision embedding is not a partial block.
+        let mut p = Predictive::new();
+        p.on_insert(k(1), &BlockInfo::kv(512, None, 0));
+        let small = BlockInfo {
+            bytes: 10,
+            kind: TensorKind::VisionEmbedding,
+            parent: None,
+            position: 0,
+        };
+        p.on_insert(k(2), &small);
+        assert_ne!(p.entries[&k(2)].life.class as usize, PARTIAL_CLASS);
     }
 
     #[test]
