@@ -7,8 +7,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
-pub mod kv_swap;
 mod error;
+pub mod kv_swap;
 
 pub use config::{Config, ConfigSources, LoadedConfig};
 pub use error::{Result, RuntimeError};

@@ -26,6 +26,9 @@ enum Command {
     /// Show or validate the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Cache tools.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Compare a model with reference outputs (logits and greedy tokens) of
     /// Hugging Face transformers; exits non-zero when a case is out of tolerance.
     Golden {
@@ -66,6 +69,30 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Replay a KV block trace (Mooncake JSONL: one request a line with
+    /// hash_ids) through a cache level and print each policy's hit ratio,
+    /// beside LRU and Belady's optimum.
+    Replay {
+        /// The trace file.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Capacities: a percentage of the trace's unique blocks (floored) or a number of blocks.
+        #[arg(long, default_value = "1%,5%,10%")]
+        capacity: String,
+        /// Policies: lru, lfu, arc, s3fifo, predictive, belady.
+        #[arg(long, default_value = "lru,s3fifo,arc,predictive,belady")]
+        policy: String,
+        /// Print one JSON array of {policy, capacity_blocks, capacity_fraction, accesses, hits, hit_ratio}.
+        #[arg(long)]
+        json: bool,
+        /// Replay the three-level cache (L1 = capacity, L2 = 4x, L3 = 15x) with per-level hit ratios and cost.
+        #[arg(long)]
+        tiers: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the merged configuration (defaults < --config file < QVL_* env)
     /// with the source of every value.
@@ -92,6 +119,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(ConfigCommand::Show { config }) => commands::config::show(config),
         Command::Config(ConfigCommand::Check { file }) => commands::config::check(&file),
+        Command::Cache(CacheCommand::Replay {
+            trace,
+            capacity,
+            policy,
+            json,
+            tiers,
+        }) => commands::cache::replay(commands::cache::ReplayArgs {
+            trace: &trace,
+            capacity: &capacity,
+            policies: &policy,
+            json,
+            tiers,
+        }),
         Command::Golden { model, golden } => commands::model::golden(&model, &golden),
         Command::Generate {
             model,

@@ -1,3 +1,4 @@
 //! One module per subcommand group; each returns the process exit code.
+pub mod cache;
 pub mod config;
 pub mod model;
