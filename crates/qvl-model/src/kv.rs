@@ -49,6 +49,32 @@ impl KvLayout {
     pub fn block_floats(&self) -> usize {
         self.layers * self.layer_floats()
     }
+
+    /// Checks a [`KvBlockStorage::write`] of `keys` and `values` at `layer`,
+    /// starting at token `slot` of a block, against this layout; returns the
+    /// number of tokens written. Every storage validates writes with it.
+    pub fn check_write(
+        &self,
+        layer: usize,
+        slot: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<usize> {
+        let w = self.token_width();
+        let tokens = keys.len() / w.max(1);
+        if keys.len() != values.len()
+            || keys.len() % w.max(1) != 0
+            || slot + tokens > self.block_tokens
+            || layer >= self.layers
+        {
+            return Err(ModelError::KvCache(format!(
+                "write of {} keys at layer {layer} slot {slot} does not fit a block of {} tokens x {w}",
+                keys.len(),
+                self.block_tokens
+            )));
+        }
+        Ok(tokens)
+    }
 }
 
 /// Identifies a block inside one storage.
@@ -154,18 +180,7 @@ impl KvBlockStorage for HostKvStorage {
     ) -> Result<()> {
         let l = self.layout;
         let w = l.token_width();
-        let tokens = keys.len() / w;
-        if keys.len() != values.len()
-            || keys.len() % w != 0
-            || slot + tokens > l.block_tokens
-            || layer >= l.layers
-        {
-            return Err(ModelError::KvCache(format!(
-                "write of {} keys at layer {layer} slot {slot} does not fit a block of {} tokens x {w}",
-                keys.len(),
-                l.block_tokens
-            )));
-        }
+        let tokens = l.check_write(layer, slot, keys, values)?;
         let data = self
             .blocks
             .get_mut(id.0 as usize)
