@@ -180,7 +180,7 @@ impl KvBlockStorage for HostKvStorage {
     ) -> Result<()> {
         let l = self.layout;
         let w = l.token_width();
-        let tokens = l.check_write(layer, slot, keys, values)?;
+        l.check_write(layer, slot, keys, values)?;
         let data = self
             .blocks
             .get_mut(id.0 as usize)
