@@ -42,6 +42,25 @@ pub enum ModelError {
         reason: String,
     },
 
+    /// A GGUF file that cannot be read or holds what the model cannot use.
+    #[error("GGUF {}: {source}", path.display())]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What the reader found wrong.
+        #[source]
+        source: crate::gguf::GgufError,
+    },
+    /// A tokenizer that cannot be built from its file.
+    #[error("tokenizer of {}: {source}", path.display())]
+    Tokenizer {
+        /// The file the tokenizer came from.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: crate::tokenizer::TokenizerError,
+    },
+
     // --- checkpoint does not fit the model -------------------------------
     /// A tensor the model needs is in no file of the checkpoint.
     #[error("tensor {name:?} is missing from {source_desc}")]

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod golden;
 pub mod kv;
 pub mod linear;
+pub mod llama;
 pub mod ops;
 pub mod preprocess;
 pub mod qwen3vl;
