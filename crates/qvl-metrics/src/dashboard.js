@@ -93,10 +93,12 @@
       ctx.beginPath();
       let pen = false;
       const count = l.values.length;
+      // At least a minute of points across, so that a short run is not a sliver.
+      const span = Math.max(60, count, 2);
       for (let i = 0; i < count; i++) {
         const v = l.values[i];
         if (v === null || v === undefined) { pen = false; continue; }
-        const x = left + (count > 1 ? (pw * i) / (HISTORY - 1) + pw * (HISTORY - count) / (HISTORY - 1) : pw);
+        const x = left + (pw * (i + span - count)) / (span - 1);
         const y = top + ph - (ph * Math.min(v, max)) / max;
         if (pen) ctx.lineTo(x, y); else { ctx.moveTo(x, y); pen = true; }
       }
