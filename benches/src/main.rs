@@ -10,6 +10,7 @@ mod compress;
 mod metrics;
 mod model;
 mod pool;
+mod swap;
 
 use anyhow::{bail, Context, Result};
 use qvl_core::bench::BenchReport;
@@ -34,7 +35,7 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("pool", "allocation time and reserved memory against the system allocator", Some(pool::run)),
     ("cache", "hit ratio on the Mooncake trace against LRU and Belady", Some(cache::run)),
     ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
-    ("swap", "long-context decode throughput with KV swapped to SSD", None),
+    ("swap", "long-context decode throughput with KV swapped to SSD", Some(swap::run)),
     ("tier", "tokens/s with weights streamed under RAM budgets", None),
     ("gc", "peak reserved memory against the offline optimum", None),
     ("metrics", "cost per recorded event", Some(metrics::run)),

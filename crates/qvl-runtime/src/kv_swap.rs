@@ -144,6 +144,27 @@ impl KvSwapMonitor {
     }
 }
 
+/// Little-endian f32 bytes into `out` (`bytes.len() == 4 * out.len()`):
+/// one memcpy on little-endian machines, since every bit pattern is a
+/// valid f32.
+fn le_bytes_to_f32(bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * 4);
+    let n = out.len().min(bytes.len() / 4);
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: out has room for n f32 (4n bytes), bytes holds at least
+        // 4n bytes, the two do not overlap (one is borrowed mutably), and
+        // any 4 bytes are a valid little-endian f32 on this target.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), 4 * n)
+        };
+    }
+    #[cfg(not(target_endian = "little"))]
+    for (dst, src) in out[..n].iter_mut().zip(bytes.chunks_exact(4)) {
+        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    }
+}
+
 fn swap_err(what: &str, e: SwapError) -> ModelError {
     ModelError::KvCache(format!("{what}: {e}"))
 }
@@ -272,12 +293,8 @@ impl SwappingKvStorage {
                     )));
                 }
                 let (k, v) = payload.split_at(4 * half);
-                for (dst, src) in keys.iter_mut().zip(k.chunks_exact(4)) {
-                    *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
-                }
-                for (dst, src) in values.iter_mut().zip(v.chunks_exact(4)) {
-                    *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
-                }
+                le_bytes_to_f32(k, &mut keys);
+                le_bytes_to_f32(v, &mut values);
                 return Ok((keys, values));
             }
             let Some(codec) = codec.as_ref().filter(|c| c.id() == id) else {
@@ -334,14 +351,15 @@ impl SwappingKvStorage {
             return Ok(());
         }
         victims.sort_unstable();
-        // Layer-major: a later prefetch of one layer reads neighbouring records.
+        // One stream per layer: a layer's chunks of consecutive blocks sit
+        // next to each other, so a prefetch of one layer merges into long reads.
         let mut blocks = Vec::with_capacity(victims.len() * self.layout.layers);
         for layer in 0..self.layout.layers {
             for &index in &victims {
-                blocks.push(self.encode_chunk(index, layer)?);
+                blocks.push((layer as u32, self.encode_chunk(index, layer)?));
             }
         }
-        if let Err(e) = self.store.put_batch(blocks) {
+        if let Err(e) = self.store.put_streamed(blocks) {
             // The victims stay resident and tracked; the error fails the
             // request that needed the room.
             let mut policy = lock(&self.policy);
@@ -400,14 +418,25 @@ impl SwappingKvStorage {
         Ok(Block::raw(key, meta, bytes))
     }
 
-    /// Queues prefetches from the plan while the window has room.
+    /// Queues prefetches from the plan while the window has room, as one
+    /// batch so that neighbouring chunks are read together.
     fn pump(&self, p: &mut Prefetch) {
         let chunk = self.chunk_bytes();
-        while p.staged_bytes + chunk <= self.staging_cap {
+        // Wait for room for a quarter of the window (up to 16 chunks)
+        // while reads are still staged: fewer, longer reads.
+        let window = self.staging_cap / chunk;
+        let min_batch = (window / 4).clamp(1, 16);
+        let room = (self.staging_cap - p.staged_bytes.min(self.staging_cap)) / chunk;
+        if room < min_batch && !p.staged.is_empty() {
+            return;
+        }
+        let mut batch = Vec::new();
+        let mut keys = Vec::new();
+        while p.staged_bytes + (batch.len() + 1) * chunk <= self.staging_cap {
             let Some((index, layer)) = p.plan.pop_front() else {
                 break;
             };
-            if p.staged.contains_key(&(index, layer)) {
+            if p.staged.contains_key(&(index, layer)) || batch.contains(&(index, layer)) {
                 continue;
             }
             let Some(slot) = self.slots.get(index).and_then(Option::as_ref) else {
@@ -416,11 +445,16 @@ impl SwappingKvStorage {
             if slot.data.is_some() {
                 continue;
             }
-            if let Some(t) =
-                self.store
-                    .read_async(&Self::chunk_key(slot.uid, layer), false, self.decoder())
-            {
-                p.staged.insert((index, layer), t);
+            batch.push((index, layer));
+            keys.push(Self::chunk_key(slot.uid, layer));
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let tickets = self.store.read_many_async(&keys, false, self.decoder());
+        for (item, ticket) in batch.into_iter().zip(tickets) {
+            if let Some(t) = ticket {
+                p.staged.insert(item, t);
                 p.staged_bytes += chunk;
             }
         }

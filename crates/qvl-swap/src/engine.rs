@@ -29,6 +29,12 @@ impl<T> Ticket<T> {
         self.rx.recv().unwrap_or(Err(SwapError::EngineStopped))
     }
 
+    /// A ticket and the sender that completes it.
+    pub fn channel() -> (SyncSender<Result<T>>, Ticket<T>) {
+        let (tx, rx) = sync_channel(1);
+        (tx, Ticket { rx })
+    }
+
     /// A ticket with a result already there.
     pub fn ready(value: Result<T>) -> Ticket<T> {
         let (tx, rx) = sync_channel(1);
@@ -172,6 +178,24 @@ impl IoEngine {
             workers.push(handle);
         }
         Ok(IoEngine { shared, workers })
+    }
+
+    /// Queues a job that reports through its own channels (one read that
+    /// completes several tickets). Returns false when the engine stopped.
+    pub fn submit_job(&self, urgent: bool, job: impl FnOnce(&IoClock) + Send + 'static) -> bool {
+        {
+            let mut q = lock(&self.shared.queue);
+            if q.1 {
+                return false;
+            }
+            if urgent {
+                q.0.push_front(Box::new(job));
+            } else {
+                q.0.push_back(Box::new(job));
+            }
+        }
+        self.shared.queue_cv.notify_one();
+        true
     }
 
     /// Queues `op`; `urgent` ops (a caller is blocked on them) go first.

@@ -27,6 +27,7 @@ pub mod extent;
 pub mod file;
 pub mod format;
 pub mod policy;
+pub mod probe;
 mod store;
 
 pub use config::{EvictionPolicyKind, IoMode, SwapConfig};
@@ -35,3 +36,7 @@ pub use error::{Result, SwapError};
 pub use file::{ActiveIo, FaultPlan};
 pub use policy::policy_for;
 pub use store::{DecodeFn, Decoder, SsdStore, StoreStats};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -17,6 +17,7 @@ use qvl_core::{
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,26 @@ struct Entry {
     meta: TensorMeta,
 }
 
+/// Pages a stream has reserved and not yet filled.
+#[derive(Debug, Clone, Copy)]
+struct StreamCursor {
+    next_page: u64,
+    end_page: u64,
+}
+
+/// Pages a stream reserves at a time: records of one stream written one
+/// after another land next to each other, so that reading them back in the
+/// same order merges into long reads.
+const STREAM_SEGMENT_PAGES: u64 = 512;
+/// Longest merged read.
+const MAX_MERGED_READ: usize = 1 << 20;
+
 struct Inner {
     file: SwapFile,
+    /// Merged-read buffers kept for reuse: a fresh 1 MiB buffer per read
+    /// would cost page faults on every read.
+    read_bufs: Mutex<Vec<AlignedBuf>>,
+    streams: Mutex<HashMap<u32, StreamCursor>>,
     allocator: Arc<Mutex<ExtentAllocator>>,
     index: RwLock<HashMap<BlockKey, Entry>>,
     generation: AtomicU64,
@@ -103,6 +122,8 @@ impl SsdStore {
         Ok(SsdStore {
             inner: Arc::new(Inner {
                 file,
+                streams: Mutex::new(HashMap::new()),
+                read_bufs: Mutex::new(Vec::new()),
                 allocator: Arc::new(Mutex::new(ExtentAllocator::new(pages))),
                 index: RwLock::new(HashMap::new()),
                 generation: AtomicU64::new(1),
@@ -221,6 +242,150 @@ impl SsdStore {
         Ok(())
     }
 
+    /// Writes `blocks`, each into the stream its tag names (one write per
+    /// record): records of one stream written in order sit next to each
+    /// other in the file, so that [`SsdStore::read_many_async`] of them in
+    /// the same order merges into long reads. Each record is published
+    /// once written; on error the failed record and the rest are not.
+    pub fn put_streamed(&self, blocks: Vec<(u32, Block)>) -> Result<()> {
+        let i = &self.inner;
+        i.file.check_present()?;
+        for (stream, b) in blocks {
+            let pages = record_pages(b.data.len()) as u64;
+            let extent = self.allocate_in_stream(stream, pages)?;
+            let mut buf = AlignedBuf::zeroed(pages as usize * PAGE);
+            let header = RecordHeader {
+                codec: b.codec,
+                key: b.key,
+                payload_len: b.data.len() as u64,
+                generation: i.generation.fetch_add(1, Ordering::Relaxed),
+            };
+            encode_header(&header, &b.data, buf.as_mut_slice());
+            buf.as_mut_slice()[HEADER_LEN..HEADER_LEN + b.data.len()].copy_from_slice(&b.data);
+            let offset = extent.offset();
+            let start = Instant::now();
+            i.engine.run_here(|clock: &IoClock| {
+                clock.time(buf.len() as u64, || i.file.write_at(buf.as_slice(), offset))
+            })?;
+            i.recorder.record(&MetricEvent::Swap {
+                out: true,
+                bytes: buf.len() as u64,
+                latency: start.elapsed(),
+            });
+            i.blocks_written.fetch_add(1, Ordering::Relaxed);
+            i.bytes_written
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            i.index.write().unwrap_or_else(|p| p.into_inner()).insert(
+                b.key,
+                Entry {
+                    extent: Arc::new(extent),
+                    header,
+                    meta: b.meta,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn allocate_in_stream(&self, stream: u32, pages: u64) -> Result<Extent> {
+        let i = &self.inner;
+        let mut streams = lock(&i.streams);
+        let cursor = streams.get(&stream).copied();
+        if let Some(c) = cursor {
+            if c.end_page - c.next_page >= pages {
+                streams.insert(
+                    stream,
+                    StreamCursor {
+                        next_page: c.next_page + pages,
+                        end_page: c.end_page,
+                    },
+                );
+                return Ok(Extent::adopt(&i.allocator, c.next_page, pages));
+            }
+        }
+        let mut alloc = lock(&i.allocator);
+        if let Some(c) = cursor {
+            // The segment's unused tail goes back.
+            if c.end_page > c.next_page {
+                alloc.release(c.next_page, c.end_page - c.next_page);
+            }
+            streams.remove(&stream);
+        }
+        let segment = STREAM_SEGMENT_PAGES.max(pages);
+        let (start, got) = match alloc.allocate(segment) {
+            Some(s) => (s, segment),
+            None => match alloc.allocate(pages) {
+                Some(s) => (s, pages),
+                None => {
+                    return Err(SwapError::OutOfSpace {
+                        path: i.file.path().to_path_buf(),
+                        needed: ByteSize(pages * PAGE as u64),
+                        free: ByteSize(alloc.free_pages() * PAGE as u64),
+                        capacity: ByteSize(alloc.total_pages() * PAGE as u64),
+                    })
+                }
+            },
+        };
+        drop(alloc);
+        streams.insert(
+            stream,
+            StreamCursor {
+                next_page: start + pages,
+                end_page: start + got,
+            },
+        );
+        Ok(Extent::adopt(&i.allocator, start, pages))
+    }
+
+    /// Reads `keys` on the I/O threads, merging records that sit next to
+    /// each other in the file into single reads of up to 1 MiB; each key's
+    /// verified payload goes to `decode` there. None for keys not stored.
+    pub fn read_many_async<T: Send + 'static>(
+        &self,
+        keys: &[BlockKey],
+        urgent: bool,
+        decode: Decoder<T>,
+    ) -> Vec<Option<Ticket<T>>> {
+        let mut out: Vec<Option<Ticket<T>>> = Vec::with_capacity(keys.len());
+        let mut found = Vec::new();
+        for key in keys {
+            match self.entry(key) {
+                Some(e) => {
+                    let (tx, t) = Ticket::channel();
+                    out.push(Some(t));
+                    found.push((e, tx));
+                }
+                None => out.push(None),
+            }
+        }
+        found.sort_by_key(|(e, _)| e.extent.offset());
+        let mut run: Vec<(Entry, SyncSender<Result<T>>)> = Vec::new();
+        let flush = |run: &mut Vec<(Entry, SyncSender<Result<T>>)>| {
+            if run.is_empty() {
+                return;
+            }
+            let items = std::mem::take(run);
+            let inner = Arc::clone(&self.inner);
+            let decode = Arc::clone(&decode);
+            self.inner.engine.submit_job(urgent, move |clock| {
+                read_run(&inner, items, clock, &*decode)
+            });
+        };
+        for (e, tx) in found {
+            if let Some((last, _)) = run.last() {
+                let contiguous =
+                    last.extent.offset() + last.extent.byte_len() as u64 == e.extent.offset();
+                let run_len: usize = run.iter().map(|(e, _)| e.extent.byte_len()).sum();
+                if !contiguous || run_len + e.extent.byte_len() > MAX_MERGED_READ {
+                    flush(&mut run);
+                }
+            }
+            run.push((e, tx));
+        }
+        flush(&mut run);
+        out
+    }
+
     fn allocate_run(&self, pages: &[u64], total: u64) -> Result<Vec<Extent>> {
         let i = &self.inner;
         let mut alloc = lock(&i.allocator);
@@ -299,6 +464,77 @@ impl SsdStore {
     /// Where `key`'s record starts in the file (tests and tools).
     pub fn record_offset(&self, key: &BlockKey) -> Option<u64> {
         self.entry(key).map(|e| e.extent.offset())
+    }
+}
+
+/// Reads neighbouring records in one I/O and completes each one's ticket.
+fn read_run<T>(
+    inner: &Inner,
+    items: Vec<(Entry, SyncSender<Result<T>>)>,
+    clock: &IoClock,
+    decode: LocalDecode<'_, T>,
+) {
+    if items.len() == 1 || inner.file.io() == ActiveIo::Mmap {
+        for (e, tx) in items {
+            let _ = tx.send(read_entry(inner, &e, clock, decode));
+        }
+        return;
+    }
+    let first = items[0].0.extent.offset();
+    let len: usize = items.iter().map(|(e, _)| e.extent.byte_len()).sum();
+    let start = Instant::now();
+    let mut buf = lock(&inner.read_bufs)
+        .pop()
+        .filter(|b| b.len() >= len)
+        .unwrap_or_else(|| AlignedBuf::zeroed(len.max(MAX_MERGED_READ)));
+    let read = inner.file.check_present().and_then(|()| {
+        clock.time(len as u64, || {
+            inner
+                .file
+                .read_exact_at(&mut buf.as_mut_slice()[..len], first)
+        })
+    });
+    if let Err(e) = read {
+        let text = e.to_string();
+        let mut e = Some(e);
+        for (_, tx) in items {
+            // Every ticket gets the error; the first gets the original.
+            let err = e.take().unwrap_or_else(|| SwapError::Io {
+                what: format!("merged read failed: {text}; reading"),
+                path: inner.file.path().to_path_buf(),
+                source: std::io::Error::other("merged read failed"),
+            });
+            let _ = tx.send(Err(err));
+        }
+        return;
+    }
+    inner.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+    inner.recorder.record(&MetricEvent::Swap {
+        out: false,
+        bytes: len as u64,
+        latency: start.elapsed(),
+    });
+    for (entry, tx) in items {
+        let at = (entry.extent.offset() - first) as usize;
+        let rec = &buf.as_slice()[at..at + entry.extent.byte_len()];
+        let result = match verify_record(rec, &entry.header) {
+            Ok(payload) => decode(&entry.meta, entry.header.codec, payload),
+            Err(reason) => {
+                inner.integrity_failures.fetch_add(1, Ordering::Relaxed);
+                Err(SwapError::Corrupt {
+                    key: entry.header.key,
+                    path: inner.file.path().to_path_buf(),
+                    offset: entry.extent.offset(),
+                    reason,
+                })
+            }
+        };
+        inner.blocks_read.fetch_add(1, Ordering::Relaxed);
+        let _ = tx.send(result);
+    }
+    let mut bufs = lock(&inner.read_bufs);
+    if bufs.len() < 32 {
+        bufs.push(buf);
     }
 }
 

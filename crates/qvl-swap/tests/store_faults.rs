@@ -342,3 +342,54 @@ fn async_reads_decode_on_the_io_threads() {
     assert_eq!(e.ops as usize, 10 + 1, "10 reads and one batched write");
     assert!(e.busy_secs > 0.0 && e.bytes > 0);
 }
+
+#[test]
+fn streamed_records_merge_into_long_reads_and_a_bad_one_fails_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = SsdStore::open(&config(tmp.path(), IoMode::Auto)).unwrap();
+    // Two streams written interleaved, as a swap-out of blocks with two layers.
+    let mut written = Vec::new();
+    for b in 0..6u64 {
+        for layer in 0..2u32 {
+            written.push((layer, block(b * 2 + layer as u64, 6000)));
+        }
+    }
+    store.put_streamed(written.clone()).unwrap();
+    let layer0: Vec<&Block> = written
+        .iter()
+        .filter(|(s, _)| *s == 0)
+        .map(|(_, b)| b)
+        .collect();
+    for w in layer0.windows(2) {
+        let (a, b) = (
+            store.record_offset(&w[0].key).unwrap(),
+            store.record_offset(&w[1].key).unwrap(),
+        );
+        assert_eq!(b - a, 2 * PAGE as u64, "a stream's records are neighbours");
+    }
+    // Damage the third record of stream 0.
+    let bad = layer0[2].key;
+    corrupt_byte(
+        store.path(),
+        store.record_offset(&bad).unwrap() + HEADER_LEN as u64 + 10,
+    );
+    let copy: qvl_swap::Decoder<Vec<u8>> = Arc::new(|_, _, p| Ok(p.to_vec()));
+    let ops_before = store.stats().engine.ops;
+    let mut keys: Vec<BlockKey> = layer0.iter().map(|b| b.key).collect();
+    keys.push(BlockKey::from_id(999));
+    let tickets = store.read_many_async(&keys, false, copy);
+    assert!(tickets[6].is_none(), "unknown keys get no ticket");
+    for (t, b) in tickets.into_iter().take(6).zip(&layer0) {
+        let got = t.unwrap().wait();
+        if b.key == bad {
+            assert!(got.unwrap_err().to_string().contains("checksum mismatch"));
+        } else {
+            assert_eq!(&got.unwrap()[..], &b.data[..]);
+        }
+    }
+    assert_eq!(
+        store.stats().engine.ops - ops_before,
+        1,
+        "six neighbours, one read"
+    );
+}
