@@ -1,0 +1,268 @@
+//! The SSD tier: one spill file of immutable extents, read with positioned
+//! reads (`pread`) into owned buffers.
+
+use crate::error::{Result, TierError};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A byte range of the spill file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Start in the file.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+}
+
+/// The spill file: extents are allocated first-fit from freed ones, else
+/// appended; the file is removed on drop.
+pub struct SpillFile {
+    file: File,
+    path: PathBuf,
+    free: Mutex<SpaceMap>,
+    dirty: AtomicBool,
+    drop_page_cache: bool,
+    bytes_written: AtomicU64,
+}
+
+#[derive(Default)]
+struct SpaceMap {
+    end: u64,
+    holes: Vec<Extent>,
+}
+
+/// Extents start on this boundary so page-cache drops cover whole pages.
+const ALIGN: u64 = 4096;
+
+impl SpillFile {
+    /// A new spill file in `dir`.
+    pub fn create(dir: &Path, drop_page_cache: bool) -> Result<SpillFile> {
+        let io = |what: &str, e| TierError::Io {
+            what: what.to_string(),
+            path: dir.to_path_buf(),
+            source: e,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io("creating", e))?;
+        let name = format!(
+            "qvl-tier-{}-{}.spill",
+            std::process::id(),
+            SPILL_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| TierError::Io {
+                what: "creating spill file".to_string(),
+                path: path.clone(),
+                source: e,
+            })?;
+        Ok(SpillFile {
+            file,
+            path,
+            free: Mutex::new(SpaceMap::default()),
+            dirty: AtomicBool::new(false),
+            drop_page_cache,
+            bytes_written: AtomicU64::new(0),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes the file spans (including holes).
+    pub fn len(&self) -> u64 {
+        self.space().end
+    }
+
+    /// Whether nothing was ever written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes written since creation.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    fn space(&self) -> std::sync::MutexGuard<'_, SpaceMap> {
+        // A panic while holding this lock leaves the map consistent (every
+        // update is a single push, remove or assignment), so poison is ignored.
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves an extent of `len` bytes, failing when the file would pass `limit` (0: none).
+    pub fn allocate(&self, len: u64, limit: u64) -> Result<Extent> {
+        let rounded = len.div_ceil(ALIGN).max(1) * ALIGN;
+        let mut space = self.space();
+        if let Some(i) = space.holes.iter().position(|h| h.len >= rounded) {
+            let hole = space.holes[i];
+            if hole.len == rounded {
+                space.holes.swap_remove(i);
+            } else {
+                space.holes[i] = Extent {
+                    offset: hole.offset + rounded,
+                    len: hole.len - rounded,
+                };
+            }
+            return Ok(Extent {
+                offset: hole.offset,
+                len,
+            });
+        }
+        if limit > 0 && space.end + rounded > limit {
+            return Err(TierError::Config(format!(
+                "the SSD tier budget of {limit} bytes is full ({} used, {len} more asked)",
+                space.end
+            )));
+        }
+        let offset = space.end;
+        space.end += rounded;
+        Ok(Extent { offset, len })
+    }
+
+    /// Returns an extent's space for reuse, merging neighbouring holes.
+    pub fn release(&self, extent: Extent) {
+        let rounded = extent.len.div_ceil(ALIGN).max(1) * ALIGN;
+        let mut space = self.space();
+        let mut hole = Extent {
+            offset: extent.offset,
+            len: rounded,
+        };
+        space.holes.retain(|h| {
+            if h.offset + h.len == hole.offset {
+                hole = Extent {
+                    offset: h.offset,
+                    len: h.len + hole.len,
+                };
+                false
+            } else if hole.offset + hole.len == h.offset {
+                hole.len += h.len;
+                false
+            } else {
+                true
+            }
+        });
+        if hole.offset + hole.len == space.end {
+            space.end = hole.offset;
+        } else {
+            space.holes.push(hole);
+        }
+    }
+
+    /// Writes `data` at `extent`.
+    pub fn write(&self, extent: Extent, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, extent.offset).map_err(|e| {
+            self.io_error(
+                format!("writing {} bytes at {} of", data.len(), extent.offset),
+                e,
+            )
+        })?;
+        self.dirty.store(true, Ordering::Release);
+        self.bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes written data durable and, when configured, drops it from the
+    /// page cache (dirty pages cannot be dropped, hence the sync first).
+    pub fn flush(&self) -> Result<()> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            self.file
+                .sync_data()
+                .map_err(|e| self.io_error("syncing".to_string(), e))?;
+            if self.drop_page_cache {
+                self.drop_cached(0, self.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `extent` into `out` (exactly `extent.len` bytes).
+    pub fn read_into(&self, extent: Extent, out: &mut [u8]) -> Result<()> {
+        if self.dirty.load(Ordering::Acquire) {
+            self.flush()?;
+        }
+        self.file.read_exact_at(out, extent.offset).map_err(|e| {
+            self.io_error(
+                format!("reading {} bytes at {} of", out.len(), extent.offset),
+                e,
+            )
+        })?;
+        if self.drop_page_cache {
+            self.drop_cached(extent.offset, extent.len);
+        }
+        Ok(())
+    }
+
+    fn drop_cached(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: posix_fadvise only reads its integer arguments; the fd is
+        // owned by `self.file` and open for the duration of the call. It is
+        // advice: failure leaves the cache as it was, so the result is ignored.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+
+    fn io_error(&self, what: String, source: std::io::Error) -> TierError {
+        TierError::Io {
+            what,
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+impl Drop for SpillFile {
+    fn drop(&mut self) {
+        // Best effort: a spill file left behind is only wasted space in a temp dir.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+static SPILL_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuses_freed_space_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = SpillFile::create(dir.path(), true).unwrap();
+        let a = f.allocate(5000, 0).unwrap();
+        let b = f.allocate(100, 0).unwrap();
+        f.write(a, &vec![7u8; 5000]).unwrap();
+        f.write(b, &[9u8; 100]).unwrap();
+        let mut out = vec![0u8; 100];
+        f.read_into(b, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 9));
+        let end = f.len();
+        f.release(a);
+        let c = f.allocate(4000, 0).unwrap();
+        assert_eq!(c.offset, a.offset, "first fit reuses the hole");
+        assert_eq!(f.len(), end);
+        f.release(b);
+        f.release(c);
+        assert_eq!(f.len(), 0, "freeing everything shrinks the file span");
+        assert!(f
+            .allocate(1 << 20, 4096)
+            .unwrap_err()
+            .to_string()
+            .contains("full"));
+        let path = f.path().to_path_buf();
+        drop(f);
+        assert!(!path.exists());
+    }
+}
