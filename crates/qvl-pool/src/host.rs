@@ -16,7 +16,10 @@ use qvl_core::{
 use std::alloc::Layout;
 use std::cell::RefCell;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{AcqRel, Relaxed},
+};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -89,6 +92,21 @@ struct Inner {
     blocks_since_reclaim: usize,
 }
 
+/// Operation counts of one thread, written only by that thread (a plain
+/// load and store, no locked instruction) and summed by `stats`.
+#[derive(Default)]
+struct ThreadCounts {
+    allocs: AtomicU64,
+    frees: AtomicU64,
+}
+
+impl ThreadCounts {
+    fn bump(counter: &AtomicU64) {
+        // Single writer: a read-modify-write needs no atomicity.
+        counter.store(counter.load(Relaxed) + 1, Relaxed);
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     allocated: AtomicU64,
@@ -96,6 +114,8 @@ struct Counters {
     arena_reserved: AtomicU64,
     system_bytes: AtomicU64,
     peak_reserved: AtomicU64,
+    /// Allocations and frees counted here only by threads without a cache
+    /// (exiting); the others count in their [`ThreadCounts`].
     alloc_count: AtomicU64,
     free_count: AtomicU64,
     system_allocs: AtomicU64,
@@ -103,6 +123,8 @@ struct Counters {
 }
 
 struct Shared {
+    /// This pool, weakly: what thread caches hold.
+    weak: Weak<Shared>,
     id: u64,
     config: PoolConfig,
     base: usize,
@@ -111,6 +133,8 @@ struct Shared {
     routes: Vec<SlabRoute>,
     inner: Mutex<Inner>,
     counters: Counters,
+    /// Every thread's counts, kept after the thread exits.
+    thread_counts: Mutex<Vec<Arc<ThreadCounts>>>,
     recorder: Option<Arc<dyn MetricsRecorder>>,
 }
 
@@ -133,7 +157,12 @@ pub struct PoolBuffer {
     /// Bytes it occupies in the pool (its class, slot or block size).
     held: usize,
     origin: Origin,
-    pool: Arc<Shared>,
+    /// The pool, kept alive while any of its buffers is out: the first
+    /// buffer of a pool with none out takes a strong reference for all of
+    /// them, the last one returned drops it (see `Shared::count_alloc` and
+    /// `Shared::give_back`). No reference count per buffer: that would be
+    /// two more atomic operations on every allocation and free.
+    pool: NonNull<Shared>,
 }
 
 // SAFETY: a PoolBuffer owns its byte range exclusively (the pool hands each
@@ -220,7 +249,7 @@ impl AsMut<[u8]> for PoolBuffer {
 
 impl Drop for PoolBuffer {
     fn drop(&mut self) {
-        self.pool.give_back(self.ptr, self.held, self.origin);
+        Shared::give_back(self.pool, self.ptr, self.held, self.origin);
     }
 }
 
@@ -308,7 +337,8 @@ impl HostPool {
                 align: s.align,
             })
             .collect();
-        let shared = Shared {
+        let shared = Arc::new_cyclic(|weak| Shared {
+            weak: weak.clone(),
             id: NEXT_POOL_ID.fetch_add(1, Relaxed),
             routes,
             config: config.clone(),
@@ -321,15 +351,14 @@ impl HostPool {
                 blocks_since_reclaim: RECLAIM_EVERY,
             }),
             counters: Counters::default(),
+            thread_counts: Mutex::new(Vec::new()),
             recorder,
-        };
+        });
         {
             let inner = shared.lock();
             shared.note_reserved(&inner);
         }
-        Ok(HostPool {
-            shared: Arc::new(shared),
-        })
+        Ok(HostPool { shared })
     }
 
     /// The configuration the pool was built with.
@@ -405,6 +434,15 @@ impl BufferAllocator for HostPool {
 
     fn stats(&self) -> AllocatorStats {
         let c = &self.shared.counters;
+        let (allocs, frees) = self
+            .shared
+            .thread_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .fold((0, 0), |(a, f), t| {
+                (a + t.allocs.load(Relaxed), f + t.frees.load(Relaxed))
+            });
         let (commits, decommits) = {
             let inner = self.shared.lock();
             let s = inner.arena.stats();
@@ -415,8 +453,8 @@ impl BufferAllocator for HostPool {
             reserved_bytes: c.arena_reserved.load(Relaxed) + c.system_bytes.load(Relaxed),
             peak_allocated_bytes: c.peak_allocated.load(Relaxed),
             peak_reserved_bytes: c.peak_reserved.load(Relaxed),
-            alloc_count: c.alloc_count.load(Relaxed),
-            free_count: c.free_count.load(Relaxed),
+            alloc_count: c.alloc_count.load(Relaxed) + allocs,
+            free_count: c.free_count.load(Relaxed) + frees,
             os_alloc_count: commits + c.system_allocs.load(Relaxed),
             os_free_count: decommits + c.system_frees.load(Relaxed),
         }
@@ -463,11 +501,7 @@ impl Inner {
     /// A block of at least `bytes`: a cached one, else one made by handing
     /// empty runs back, else one from growing the arena. None when the arena
     /// is full. `long_lived` blocks (runs of slots) are placed high.
-    fn alloc_block(
-        &mut self,
-        bytes: usize,
-        pool: &Arc<Shared>,
-    ) -> Result<Option<Block>, PoolError> {
+    fn alloc_block(&mut self, bytes: usize, pool: &Shared) -> Result<Option<Block>, PoolError> {
         let cached = |arena: &mut BfcArena<HostBacking>| arena.alloc_cached(bytes);
         if let Some(block) = cached(&mut self.arena) {
             return Ok(Some(block));
@@ -644,7 +678,7 @@ impl Shared {
             len,
             held,
             origin,
-            pool: Arc::clone(self),
+            pool: NonNull::from(&**self),
         }
     }
 
@@ -672,20 +706,52 @@ impl Shared {
             len: bytes,
             held: layout.size(),
             origin: Origin::System { align },
-            pool: Arc::clone(self),
+            pool: NonNull::from(&**self),
         })
     }
 
-    fn count_alloc(&self, held: usize) {
+    /// Counts a buffer handed out; the first one out takes the buffers'
+    /// strong reference to the pool.
+    fn count_alloc(self: &Arc<Self>, held: usize) {
         let c = &self.counters;
-        let now = c.allocated.fetch_add(held as u64, Relaxed) + held as u64;
+        let before = c.allocated.fetch_add(held as u64, Relaxed);
+        if before == 0 {
+            // SAFETY: `self` is a live Arc, so the count is at least one;
+            // the reference taken here is dropped by the `give_back` that
+            // brings `allocated` back to zero (every buffer holds at least
+            // one byte, so zero means none is out).
+            unsafe { Arc::increment_strong_count(Arc::as_ptr(self)) };
+        }
+        let now = before + held as u64;
         if now > c.peak_allocated.load(Relaxed) {
             c.peak_allocated.fetch_max(now, Relaxed);
         }
-        c.alloc_count.fetch_add(1, Relaxed);
+        if tls::with_cache(self, |cache| ThreadCounts::bump(&cache.counts.allocs)).is_none() {
+            c.alloc_count.fetch_add(1, Relaxed);
+        }
     }
 
-    fn give_back(self: &Arc<Self>, ptr: NonNull<u8>, held: usize, origin: Origin) {
+    /// Takes a buffer back. Everything that touches the pool happens before
+    /// the last step, which may drop the pool (the last buffer of a pool
+    /// whose handles are all gone).
+    fn give_back(pool: NonNull<Shared>, ptr: NonNull<u8>, held: usize, origin: Origin) {
+        let last_out = {
+            // SAFETY: a buffer is out, so its pool holds the buffers' strong
+            // reference (taken in `count_alloc`) and is alive.
+            let shared = unsafe { pool.as_ref() };
+            shared.take_back(ptr, held, origin)
+        };
+        if last_out {
+            // SAFETY: this was the last buffer out; the reference it drops
+            // is the one `count_alloc` took, and nothing here uses the pool
+            // after it.
+            unsafe { Arc::decrement_strong_count(pool.as_ptr()) };
+        }
+    }
+
+    /// Returns a buffer's memory and counts it; true when it was the last
+    /// buffer out.
+    fn take_back(&self, ptr: NonNull<u8>, held: usize, origin: Origin) -> bool {
         let offset = (ptr.as_ptr() as usize).wrapping_sub(self.base);
         match origin {
             Origin::Class(class) => {
@@ -702,7 +768,7 @@ impl Shared {
                     // once); refused without touching the arena if it happens.
                     tracing::error!("host pool: {err}");
                     debug_assert!(false, "host pool: {err}");
-                    return;
+                    return false;
                 }
             }
             Origin::System { align } => {
@@ -719,14 +785,18 @@ impl Shared {
             }
         }
         let c = &self.counters;
-        c.allocated.fetch_sub(held as u64, Relaxed);
-        c.free_count.fetch_add(1, Relaxed);
+        if tls::with_cache(self, |cache| ThreadCounts::bump(&cache.counts.frees)).is_none() {
+            c.free_count.fetch_add(1, Relaxed);
+        }
         if let Some(recorder) = &self.recorder {
             recorder.record(&MetricEvent::Free {
                 tier: Tier::HostRam,
                 bytes: held as u64,
             });
         }
+        // AcqRel: this thread's uses of the pool happen before whichever
+        // thread brings the count to zero and may drop the pool.
+        c.allocated.fetch_sub(held as u64, AcqRel) == held as u64
     }
 }
 
@@ -737,6 +807,7 @@ mod tls {
     pub(super) struct ThreadCache {
         pool_id: u64,
         pool: Weak<Shared>,
+        pub(super) counts: Arc<ThreadCounts>,
         bins: Vec<Vec<usize>>,
     }
 
@@ -770,10 +841,7 @@ mod tls {
     ///
     /// Lock order: a thread may lock the pool while holding its cache, never
     /// the reverse (nothing here runs under the pool's lock).
-    pub(super) fn with_cache<R>(
-        pool: &Arc<Shared>,
-        f: impl FnOnce(&mut ThreadCache) -> R,
-    ) -> Option<R> {
+    pub(super) fn with_cache<R>(pool: &Shared, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
         CACHES
             .try_with(|caches| {
                 let mut caches = caches.try_borrow_mut().ok()?;
@@ -783,9 +851,15 @@ mod tls {
                         // Forget caches of pools that are gone; their drop
                         // finds no pool and locks nothing.
                         caches.retain(|c| c.pool.strong_count() > 0);
+                        let counts = Arc::new(ThreadCounts::default());
+                        pool.thread_counts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Arc::clone(&counts));
                         caches.push(ThreadCache {
+                            counts,
                             pool_id: pool.id,
-                            pool: Arc::downgrade(pool),
+                            pool: pool.weak.clone(),
                             bins: (0..NUM_CLASSES).map(|_| Vec::new()).collect(),
                         });
                         caches.len() - 1
@@ -797,18 +871,18 @@ mod tls {
             .flatten()
     }
 
-    pub(super) fn pop(pool: &Arc<Shared>, class: usize) -> Option<usize> {
+    pub(super) fn pop(pool: &Shared, class: usize) -> Option<usize> {
         with_cache(pool, |c| c.bins[class].pop()).flatten()
     }
 
     /// Puts `offsets` of `class` into this thread's cache; false when there is none.
-    pub(super) fn fill(pool: &Arc<Shared>, class: usize, offsets: &[usize]) -> bool {
+    pub(super) fn fill(pool: &Shared, class: usize, offsets: &[usize]) -> bool {
         with_cache(pool, |c| c.bins[class].extend_from_slice(offsets)).is_some()
     }
 
     /// Returns one slot to this thread's cache, handing half of the bin to the
     /// shared store when it is full; false when there is no cache.
-    pub(super) fn push(pool: &Arc<Shared>, class: usize, offset: usize) -> bool {
+    pub(super) fn push(pool: &Shared, class: usize, offset: usize) -> bool {
         with_cache(pool, |c| {
             let bin = &mut c.bins[class];
             bin.push(offset);
@@ -1068,6 +1142,30 @@ mod tests {
         assert_eq!(recorder.allocs.load(Relaxed), 2);
         assert_eq!(recorder.frees.load(Relaxed), 2);
         assert_eq!(recorder.memory.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn the_pool_lives_exactly_as_long_as_its_handles_and_buffers() {
+        let recorder = Arc::new(CountingRecorder::default());
+        let p = HostPool::with_recorder(&PoolConfig::default(), recorder.clone()).unwrap();
+        let small = p.allocate(&act(100)).unwrap();
+        let large = p.allocate(&act(1 << 20)).unwrap();
+        drop(p);
+        // Buffers keep the pool (and so its recorder) alive.
+        assert_eq!(Arc::strong_count(&recorder), 2);
+        drop(small);
+        assert_eq!(Arc::strong_count(&recorder), 2);
+        drop(large);
+        // The last buffer back drops the pool.
+        assert_eq!(Arc::strong_count(&recorder), 1);
+        // A pool whose buffers all came back lives on with its handle.
+        let p = HostPool::with_recorder(&PoolConfig::default(), recorder.clone()).unwrap();
+        for _ in 0..3 {
+            drop(p.allocate(&act(100)).unwrap());
+        }
+        assert_eq!(Arc::strong_count(&recorder), 2);
+        drop(p);
+        assert_eq!(Arc::strong_count(&recorder), 1);
     }
 
     #[test]
