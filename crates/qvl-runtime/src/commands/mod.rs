@@ -2,3 +2,4 @@
 pub mod cache;
 pub mod config;
 pub mod model;
+pub mod run;

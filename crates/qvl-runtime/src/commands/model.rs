@@ -141,7 +141,7 @@ pub fn generate(args: GenerateArgs) -> Result<ExitCode> {
 
 /// The model directory's `preprocessor_config.json`, else the Qwen3-VL
 /// defaults with the patch geometry of the model's vision config.
-fn image_processor_config(dir: &Path, model: &Qwen3VlModel) -> Result<ImageProcessorConfig> {
+pub fn image_processor_config(dir: &Path, model: &Qwen3VlModel) -> Result<ImageProcessorConfig> {
     let path = dir.join("preprocessor_config.json");
     if path.is_file() {
         let text = std::fs::read_to_string(&path)
