@@ -144,3 +144,80 @@ fn golden_smollm2_passes() {
     }
     assert!(stdout.contains("5 passed, 0 failed"), "{stdout}");
 }
+
+/// A byte-level tokenizer.json for the tiny Qwen3-VL checkpoint (vocab 512):
+/// the 256 byte tokens, ChatML and vision special tokens at its ids.
+fn tiny_tokenizer_json() -> String {
+    // GPT-2's bytes_to_unicode: printable bytes stand for themselves, the
+    // rest map to 256 + n in byte order.
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut vocab = serde_json::Map::new();
+    let mut n = 0;
+    for b in 0..256u32 {
+        let c = if printable(b) {
+            b
+        } else {
+            n += 1;
+            255 + n
+        };
+        vocab.insert(char::from_u32(c).unwrap().to_string(), b.into());
+    }
+    let added: Vec<serde_json::Value> = [
+        ("<|im_start|>", 256),
+        ("<|im_end|>", 257),
+        ("<|image_pad|>", 500),
+        ("<|vision_start|>", 501),
+        ("<|vision_end|>", 502),
+    ]
+    .iter()
+    .map(|(t, id)| serde_json::json!({"id": id, "content": t, "special": true}))
+    .collect();
+    serde_json::json!({
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+    })
+    .to_string()
+}
+
+#[test]
+fn run_with_a_qwen3vl_directory_and_an_image() {
+    let tiny =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../qvl-model/tests/data/qwen3vl-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny.join(f), dir.path().join(f)).unwrap();
+    }
+    // Without tokenizer.json: a clear error.
+    let out = qvl()
+        .args(["run", "--max-tokens", "2", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tokenizer.json"));
+
+    std::fs::write(dir.path().join("tokenizer.json"), tiny_tokenizer_json()).unwrap();
+    let png = dir.path().join("x.png");
+    image::RgbImage::from_fn(40, 56, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 4) as u8, 128])
+    })
+    .save(&png)
+    .unwrap();
+    let out = qvl()
+        .args(["run", "--max-tokens", "4", "--prompt", "hi", "--model"])
+        .arg(dir.path())
+        .arg("--image")
+        .arg(&png)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report = stderr.lines().find(|l| l.starts_with("tokens")).unwrap();
+    // The random tiny model may end its turn at once; the prompt holds the
+    // chat template, the image placeholders and the text.
+    let prompt: usize = report.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(prompt > 20, "{report}");
+    assert!(stderr.contains("KV cache"), "{stderr}");
+}
