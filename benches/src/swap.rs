@@ -106,9 +106,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     // context (64 MiB of f32 KV), 8 MiB budget.
     // Quick: hidden 1024, MLP 2816, 512 tokens (16 MiB), 2 MiB budget.
     let (layers, hidden, intermediate, context, steps, seq_bytes) = if opts.quick {
-        (16, 1024, 2816, 512, 16, 64 << 20)
+        (16, 1024, 2816, 512, 24, 64 << 20)
     } else {
-        (16, 2048, 6144, 2048, 24, 256 << 20)
+        (16, 2048, 6144, 2048, 64, 256 << 20)
     };
     let block_tokens = 16;
     let cfg = decoder_config(layers, hidden, intermediate);
@@ -119,23 +119,152 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         TextDecoder::load(cfg.clone(), &weights, &names).context("loading the decoder")?;
     let layout = decoder.kv_layout(block_tokens);
     let kv_bytes = context * layout.layers * 2 * layout.token_width() * 4;
-    let budget = kv_bytes / 8;
 
     let swap_dir = opts.out_dir.join("swap-space");
     let (seq_bw_before, seq_mode) = sequential_read_bandwidth(&swap_dir, seq_bytes, 2)
         .context("measuring the disk's sequential read bandwidth")?;
+    // The criteria are measured at 1/8; the full run also sweeps 1/2 and 1/4.
+    let divisors: &[usize] = if opts.quick { &[8] } else { &[2, 4, 8] };
+    let mut runs = Vec::new();
+    for &div in divisors {
+        runs.push(
+            measure(&decoder, layout, context, steps, kv_bytes, div, &swap_dir)
+                .with_context(|| format!("decode with a KV budget of 1/{div}"))?,
+        );
+    }
+    let (seq_bw_after, _) = sequential_read_bandwidth(&swap_dir, seq_bytes, 2)?;
+    // The disk's figure varies between passes (a virtual disk shares its
+    // host); the mean of the passes before and after the decode runs is
+    // the estimate, both are in the details.
+    let seq_bw = (seq_bw_before + seq_bw_after) / 2.0;
 
+    let m = runs
+        .iter()
+        .find(|r| r.divisor == 8)
+        .context("no run at a budget of 1/8")?;
+    let host_tps = steps as f64 / m.host_s;
+    let swap_tps = steps as f64 / m.swap_s;
+    let swap_read_bw = m.read_bytes as f64 / m.busy_s.max(1e-9);
+
+    let mut report = BenchReport::new("swap");
+    report.criteria.push(Criterion::higher_is_better(
+        "decode tokens/s, KV budget 1/8 of context (rest on SSD) vs all in RAM",
+        "tokens/s",
+        swap_tps,
+        host_tps,
+        0.90,
+    ));
+    report.criteria.push(Criterion::higher_is_better(
+        "SSD read bandwidth during swap-in vs sequential read",
+        "MB/s",
+        swap_read_bw / 1e6,
+        seq_bw / 1e6,
+        0.80,
+    ));
+    report.details = serde_json::json!({
+        "model": "decoder, random bf16 weights",
+        "layers": layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "block_tokens": block_tokens,
+        "context_tokens": context,
+        "kv_bytes": kv_bytes,
+        "decode_steps": steps,
+        "sequential_read_mode": seq_mode.name(),
+        "sequential_read_mb_s_before_after": [seq_bw_before / 1e6, seq_bw_after / 1e6],
+        "runs": runs.iter().map(|r| r.json(steps)).collect::<Vec<_>>(),
+        "page_cache": "swap file and baseline read with O_DIRECT when io_mode says o_direct (a virtual disk may still be cached by its host); buffered baselines drop the file's pages with posix_fadvise(DONTNEED) before each pass",
+        "record_overhead": "each 64 B header rounds a record up by one 4 KiB page: swap-in bytes exceed the KV bytes by that share",
+    });
+    Ok(report)
+}
+
+/// One decode comparison at a KV budget of `1/divisor` of the context.
+struct Measured {
+    divisor: usize,
+    budget: usize,
+    memory_threshold: f64,
+    io_mode: &'static str,
+    host_s: f64,
+    swap_s: f64,
+    read_bytes: u64,
+    busy_s: f64,
+    reads: u64,
+    stall_s: f64,
+    prefetch_hits: u64,
+    demand_reads: u64,
+    peak_ram: usize,
+    resident_blocks: usize,
+    swapped_blocks: usize,
+    fill_s: f64,
+    fill_bytes_written: u64,
+    throttles: u64,
+    ewma_latency_us: f64,
+    integrity_failures: u64,
+}
+
+impl Measured {
+    fn json(&self, steps: usize) -> serde_json::Value {
+        serde_json::json!({
+            "budget_fraction": format!("1/{}", self.divisor),
+            "ram_budget_bytes": self.budget,
+            "memory_threshold": self.memory_threshold,
+            "io_mode": self.io_mode,
+            "host_tokens_per_s": steps as f64 / self.host_s,
+            "swap_tokens_per_s": steps as f64 / self.swap_s,
+            "throughput_ratio": self.host_s / self.swap_s,
+            "swap_in_bytes": self.read_bytes,
+            "swap_in_bytes_per_token": self.read_bytes as f64 / steps as f64,
+            "swap_in_busy_seconds": self.busy_s,
+            "swap_in_mb_s": self.read_bytes as f64 / self.busy_s.max(1e-9) / 1e6,
+            "swap_in_reads": self.reads,
+            "stall_seconds": self.stall_s,
+            "prefetch_hits": self.prefetch_hits,
+            "demand_reads": self.demand_reads,
+            "peak_kv_ram_bytes": self.peak_ram,
+            "resident_blocks": self.resident_blocks,
+            "swapped_blocks": self.swapped_blocks,
+            "fill_seconds": self.fill_s,
+            "swap_out_bytes_during_fill": self.fill_bytes_written,
+            "throttles": self.throttles,
+            "ewma_read_latency_us": self.ewma_latency_us,
+            "integrity_failures": self.integrity_failures,
+            "tokens_equal": true,
+        })
+    }
+}
+
+/// Fills a swapping cache and an in-RAM cache with the same context, then
+/// decodes `steps` tokens on each, alternating, and checks the tokens agree.
+fn measure(
+    decoder: &TextDecoder,
+    layout: KvLayout,
+    context: usize,
+    steps: usize,
+    kv_bytes: usize,
+    divisor: usize,
+    swap_dir: &std::path::Path,
+) -> Result<Measured> {
+    let budget = kv_bytes / divisor;
+    let layers = layout.layers;
+    // The prefetch window: two layers of the context (attention reads a
+    // layer at a time, and the next one is read meanwhile), or all of the
+    // budget but the block decode writes into. The rest holds resident
+    // blocks.
+    let block_bytes = layout.block_floats() * 4;
+    let window = (kv_bytes / layers * 2).min(budget - block_bytes);
+    let memory_threshold = (budget - window) as f64 / budget as f64;
     let config = SwapConfig {
         enabled: true,
-        // One block resident (the one decode writes into); the rest of
-        // the budget is the prefetch window, worth more than resident
-        // blocks when every step reads the whole context.
-        memory_threshold: (layout.block_floats() * 4) as f64 / budget as f64,
-        swap_directory: swap_dir.clone(),
+        memory_threshold,
+        swap_directory: swap_dir.to_path_buf(),
         eviction_policy: EvictionPolicyKind::Lru,
         max_inflight: 8,
         io_mode: IoMode::Auto,
-        capacity_bytes: (kv_bytes as u64 * 5 / 4).max(64 << 20),
+        // Records carry a header page; each layer's stream reserves 1 MiB ahead.
+        capacity_bytes: kv_bytes as u64 * 3 / 2 + (layers as u64 + 4) * (1 << 20),
         target_read_latency_us: 50_000,
     };
     let storage = SwappingKvStorage::new(layout, &config, budget)
@@ -197,65 +326,26 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             tokens.0
         );
     }
-    let (seq_bw_after, _) = sequential_read_bandwidth(&swap_dir, seq_bytes, 2)?;
-    let seq_bw = seq_bw_before.max(seq_bw_after);
-
-    let host_tps = steps as f64 / host_s;
-    let swap_tps = steps as f64 / swap_s;
-    let read_bytes = after.store.engine.bytes - before.store.engine.bytes;
-    let busy = after.store.engine.busy_secs - before.store.engine.busy_secs;
-    let swap_read_bw = read_bytes as f64 / busy.max(1e-9);
-    let stall = after.stall_secs - before.stall_secs;
-
-    let mut report = BenchReport::new("swap");
-    report.criteria.push(Criterion::higher_is_better(
-        "decode tokens/s, KV budget 1/8 of context (rest on SSD) vs all in RAM",
-        "tokens/s",
-        swap_tps,
-        host_tps,
-        0.90,
-    ));
-    report.criteria.push(Criterion::higher_is_better(
-        "SSD read bandwidth during swap-in vs sequential read",
-        "MB/s",
-        swap_read_bw / 1e6,
-        seq_bw / 1e6,
-        0.80,
-    ));
-    report.details = serde_json::json!({
-        "model": "decoder, random bf16 weights",
-        "layers": layers,
-        "hidden_size": cfg.hidden_size,
-        "kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "block_tokens": block_tokens,
-        "context_tokens": context,
-        "kv_bytes": kv_bytes,
-        "ram_budget_bytes": budget,
-        "memory_threshold": config.memory_threshold,
-        "peak_kv_ram_bytes": after.peak_ram_bytes,
-        "resident_blocks": after.resident_blocks,
-        "swapped_blocks": after.swapped_blocks,
-        "io_mode": io_mode,
-        "sequential_read_mode": seq_mode.name(),
-        "sequential_read_mb_s_before_after": [seq_bw_before / 1e6, seq_bw_after / 1e6],
-        "decode_steps": steps,
-        "host_seconds": host_s,
-        "swap_seconds": swap_s,
-        "swap_in_bytes": read_bytes,
-        "swap_in_bytes_per_token": read_bytes as f64 / steps as f64,
-        "swap_in_busy_seconds": busy,
-        "swap_in_reads": after.store.engine.ops - before.store.engine.ops,
-        "stall_seconds": stall,
-        "prefetch_hits": after.prefetch_hits - before.prefetch_hits,
-        "demand_reads": after.demand_reads - before.demand_reads,
-        "throttles": after.store.engine.throttles,
-        "ewma_read_latency_us": after.store.engine.ewma_latency_us,
-        "swap_out_bytes_during_fill": after_fill.store.bytes_written,
-        "fill_seconds": fill_s,
-        "integrity_failures": after.store.integrity_failures,
-        "tokens_equal": true,
-        "page_cache": "swap file and baseline read with O_DIRECT when io_mode says o_direct; buffered baselines drop the file's pages with posix_fadvise(DONTNEED) before each pass",
-    });
-    Ok(report)
+    Ok(Measured {
+        divisor,
+        budget,
+        memory_threshold: config.memory_threshold,
+        io_mode,
+        host_s,
+        swap_s,
+        read_bytes: after.store.engine.bytes - before.store.engine.bytes,
+        busy_s: after.store.engine.busy_secs - before.store.engine.busy_secs,
+        reads: after.store.engine.ops - before.store.engine.ops,
+        stall_s: after.stall_secs - before.stall_secs,
+        prefetch_hits: after.prefetch_hits - before.prefetch_hits,
+        demand_reads: after.demand_reads - before.demand_reads,
+        peak_ram: after.peak_ram_bytes,
+        resident_blocks: after.resident_blocks,
+        swapped_blocks: after.swapped_blocks,
+        fill_s,
+        fill_bytes_written: after_fill.store.bytes_written,
+        throttles: after.store.engine.throttles,
+        ewma_latency_us: after.store.engine.ewma_latency_us,
+        integrity_failures: after.store.integrity_failures,
+    })
 }

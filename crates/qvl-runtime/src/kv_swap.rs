@@ -423,7 +423,8 @@ impl SwappingKvStorage {
     fn pump(&self, p: &mut Prefetch) {
         let chunk = self.chunk_bytes();
         // Wait for room for a quarter of the window (up to 16 chunks)
-        // while reads are still staged: fewer, longer reads.
+        // while reads are still staged: fewer, longer reads, yet several
+        // in flight.
         let window = self.staging_cap / chunk;
         let min_batch = (window / 4).clamp(1, 16);
         let room = (self.staging_cap - p.staged_bytes.min(self.staging_cap)) / chunk;

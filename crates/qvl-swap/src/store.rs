@@ -48,7 +48,7 @@ struct StreamCursor {
 /// Pages a stream reserves at a time: records of one stream written one
 /// after another land next to each other, so that reading them back in the
 /// same order merges into long reads.
-const STREAM_SEGMENT_PAGES: u64 = 512;
+const STREAM_SEGMENT_PAGES: u64 = 256;
 /// Longest merged read.
 const MAX_MERGED_READ: usize = 1 << 20;
 
