@@ -135,14 +135,16 @@ impl From<SwapError> for CoreError {
                 available: free,
                 capacity,
             },
-            SwapError::Corrupt { key, .. } => {
-                let reason = e.to_string();
-                CoreError::Corrupt {
-                    key,
-                    tier: Tier::Ssd,
-                    reason,
-                }
-            }
+            SwapError::Corrupt {
+                key,
+                path,
+                offset,
+                reason,
+            } => CoreError::Corrupt {
+                key,
+                tier: Tier::Ssd,
+                reason: format!("{} at offset {offset}: {reason}", path.display()),
+            },
             SwapError::DiskFull { path, what, source } | SwapError::Io { path, what, source } => {
                 CoreError::io(format!("{what} {}", path.display()), source)
             }
