@@ -14,6 +14,7 @@ use crate::linear::Linear;
 use crate::ops::{rms_norm, rotate_half_apply};
 use crate::tensor::StoredTensor;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Tensor names of a decoder. Per-layer names contain `{layer}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,7 +113,8 @@ pub(crate) fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Res
     require(src, name, &[len])?.to_f32_vec()
 }
 
-struct DecoderLayer {
+/// The weights of one decoder layer, ready to compute with.
+pub struct DecoderLayer {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -124,6 +126,96 @@ struct DecoderLayer {
     down_proj: Linear,
     input_norm: Vec<f32>,
     post_attention_norm: Vec<f32>,
+}
+
+impl DecoderLayer {
+    /// Loads layer `index` of `config` from `src` under `names`.
+    pub fn load(
+        config: &DecoderConfig,
+        src: &dyn WeightSource,
+        names: &DecoderTensorNames,
+        index: usize,
+    ) -> Result<DecoderLayer> {
+        let c = config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let n = |t: &str| DecoderTensorNames::layer(t, index);
+        let bias = c.attention_bias;
+        Ok(DecoderLayer {
+            q_proj: load_linear(src, &n(&names.q_proj), c.num_heads * hd, h, bias)?,
+            k_proj: load_linear(src, &n(&names.k_proj), c.num_kv_heads * hd, h, bias)?,
+            v_proj: load_linear(src, &n(&names.v_proj), c.num_kv_heads * hd, h, bias)?,
+            o_proj: load_linear(src, &n(&names.o_proj), h, c.num_heads * hd, bias)?,
+            q_norm: if c.qk_norm {
+                Some(load_vector(src, &n(&names.q_norm), hd)?)
+            } else {
+                None
+            },
+            k_norm: if c.qk_norm {
+                Some(load_vector(src, &n(&names.k_norm), hd)?)
+            } else {
+                None
+            },
+            gate_proj: load_linear(src, &n(&names.gate_proj), c.intermediate_size, h, false)?,
+            up_proj: load_linear(src, &n(&names.up_proj), c.intermediate_size, h, false)?,
+            down_proj: load_linear(src, &n(&names.down_proj), h, c.intermediate_size, false)?,
+            input_norm: load_vector(src, &n(&names.input_norm), h)?,
+            post_attention_norm: load_vector(src, &n(&names.post_attention_norm), h)?,
+        })
+    }
+
+    /// Names of every tensor layer `index` loads (weights, biases, norms).
+    pub fn tensor_names(
+        config: &DecoderConfig,
+        names: &DecoderTensorNames,
+        index: usize,
+    ) -> Vec<String> {
+        let n = |t: &str| DecoderTensorNames::layer(t, index);
+        let mut out = Vec::new();
+        for proj in [&names.q_proj, &names.k_proj, &names.v_proj, &names.o_proj] {
+            out.push(n(proj));
+            if config.attention_bias {
+                out.push(bias_name(&n(proj)));
+            }
+        }
+        if config.qk_norm {
+            out.push(n(&names.q_norm));
+            out.push(n(&names.k_norm));
+        }
+        for t in [
+            &names.gate_proj,
+            &names.up_proj,
+            &names.down_proj,
+            &names.input_norm,
+            &names.post_attention_norm,
+        ] {
+            out.push(n(t));
+        }
+        out
+    }
+
+    /// Bytes of the stored matrices (what one decode step reads).
+    pub fn weight_bytes(&self) -> usize {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+        .iter()
+        .map(|p| p.weight_bytes())
+        .sum()
+    }
+}
+
+/// Gives the decoder each layer's weights on demand, in order 0..n on every
+/// forward pass (weights streamed under a RAM budget). The decoder drops a
+/// layer before it asks for the next one.
+pub trait LayerProvider: Send + Sync {
+    /// The weights of layer `index`.
+    fn layer(&self, index: usize) -> Result<Arc<DecoderLayer>>;
 }
 
 /// Visual features added to the hidden states after the first layers
@@ -148,7 +240,10 @@ pub enum Logits {
 pub struct TextDecoder {
     config: DecoderConfig,
     embed_tokens: StoredTensor,
-    layers: Vec<DecoderLayer>,
+    /// Resident layers; empty when `provider` gives them.
+    layers: Vec<Arc<DecoderLayer>>,
+    provider: Option<Arc<dyn LayerProvider>>,
+    layer_weight_bytes: usize,
     final_norm: Vec<f32>,
     lm_head: Linear,
     inv_freq: Vec<f32>,
@@ -161,35 +256,42 @@ impl TextDecoder {
         src: &dyn WeightSource,
         names: &DecoderTensorNames,
     ) -> Result<Self> {
+        Self::load_with(config, src, names, None)
+    }
+
+    /// Loads the embedding, final norm and lm head of `config` from `src`;
+    /// the layers come from `provider` on every forward pass.
+    /// `layer_weight_bytes` is the bytes of the layers' matrices (for
+    /// [`TextDecoder::weight_bytes_per_token`]).
+    pub fn load_streamed(
+        config: DecoderConfig,
+        src: &dyn WeightSource,
+        names: &DecoderTensorNames,
+        provider: Arc<dyn LayerProvider>,
+        layer_weight_bytes: usize,
+    ) -> Result<Self> {
+        Self::load_with(config, src, names, Some((provider, layer_weight_bytes)))
+    }
+
+    fn load_with(
+        config: DecoderConfig,
+        src: &dyn WeightSource,
+        names: &DecoderTensorNames,
+        provider: Option<(Arc<dyn LayerProvider>, usize)>,
+    ) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let embed_tokens = require(src, &names.embed_tokens, &[c.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
-            let n = |t: &str| DecoderTensorNames::layer(t, i);
-            let bias = c.attention_bias;
-            layers.push(DecoderLayer {
-                q_proj: load_linear(src, &n(&names.q_proj), c.num_heads * hd, h, bias)?,
-                k_proj: load_linear(src, &n(&names.k_proj), c.num_kv_heads * hd, h, bias)?,
-                v_proj: load_linear(src, &n(&names.v_proj), c.num_kv_heads * hd, h, bias)?,
-                o_proj: load_linear(src, &n(&names.o_proj), h, c.num_heads * hd, bias)?,
-                q_norm: if c.qk_norm {
-                    Some(load_vector(src, &n(&names.q_norm), hd)?)
-                } else {
-                    None
-                },
-                k_norm: if c.qk_norm {
-                    Some(load_vector(src, &n(&names.k_norm), hd)?)
-                } else {
-                    None
-                },
-                gate_proj: load_linear(src, &n(&names.gate_proj), c.intermediate_size, h, false)?,
-                up_proj: load_linear(src, &n(&names.up_proj), c.intermediate_size, h, false)?,
-                down_proj: load_linear(src, &n(&names.down_proj), h, c.intermediate_size, false)?,
-                input_norm: load_vector(src, &n(&names.input_norm), h)?,
-                post_attention_norm: load_vector(src, &n(&names.post_attention_norm), h)?,
-            });
-        }
+        let (layers, provider, layer_weight_bytes) = match provider {
+            Some((p, bytes)) => (Vec::new(), Some(p), bytes),
+            None => {
+                let layers = (0..c.num_layers)
+                    .map(|i| DecoderLayer::load(c, src, names, i).map(Arc::new))
+                    .collect::<Result<Vec<_>>>()?;
+                let bytes = layers.iter().map(|l| l.weight_bytes()).sum();
+                (layers, None, bytes)
+            }
+        };
         let final_norm = load_vector(src, &names.final_norm, h)?;
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None, c.vocab_size, h)?
@@ -205,6 +307,8 @@ impl TextDecoder {
             config,
             embed_tokens,
             layers,
+            provider,
+            layer_weight_bytes,
             final_norm,
             lm_head,
             inv_freq,
@@ -234,25 +338,24 @@ impl TextDecoder {
     /// Bytes of weights one decode step reads: every layer and the lm head
     /// (the embedding row read is negligible).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
-                .iter()
-                .map(|p| p.weight_bytes())
-                .sum::<usize>()
-            })
-            .sum();
-        layers + self.lm_head.weight_bytes()
+        self.layer_weight_bytes + self.lm_head.weight_bytes()
+    }
+
+    /// Whether the layers come from a [`LayerProvider`] (streamed).
+    pub fn is_streamed(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Layer `index`: resident, or asked of the provider.
+    fn layer(&self, index: usize) -> Result<Arc<DecoderLayer>> {
+        match &self.provider {
+            Some(p) => p.layer(index),
+            None => self
+                .layers
+                .get(index)
+                .cloned()
+                .ok_or_else(|| ModelError::InvalidInput(format!("no decoder layer {index}"))),
+        }
     }
 
     /// Embedding rows of `ids` (`ids.len() x hidden`).
@@ -342,7 +445,7 @@ impl TextDecoder {
             )));
         }
         if let Some(ds) = deepstack {
-            if ds.layers.len() > self.layers.len()
+            if ds.layers.len() > c.num_layers
                 || ds.layers.iter().any(|l| l.len() != ds.rows.len() * h)
                 || ds.rows.iter().any(|&r| r >= n)
             {
@@ -355,7 +458,8 @@ impl TextDecoder {
         let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
         cache.reserve(n)?;
-        for (li, layer) in self.layers.iter().enumerate() {
+        for li in 0..c.num_layers {
+            let layer = self.layer(li)?;
             let mut x = hidden.clone();
             rms_norm(&mut x, &layer.input_norm, c.rms_norm_eps);
             let mut q = layer.q_proj.forward(&x, n);

@@ -9,6 +9,7 @@
 pub mod config;
 mod error;
 pub mod kv_swap;
+pub mod weights_tier;
 
 pub use config::{Config, ConfigSources, LoadedConfig};
 pub use error::{Result, RuntimeError};
