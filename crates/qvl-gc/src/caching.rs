@@ -9,7 +9,7 @@
 
 use crate::reclaim::{MemoryUsage, ReclaimClass, ReclaimGoal, ReclaimHint, Reclaimable};
 use qvl_core::{AllocRequest, AllocatorStats, BufferAllocator, CoreError, Tier};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 /// Sizes up to this use eight classes per doubling; above, whole pages.
@@ -35,6 +35,10 @@ pub type PressureHook = Arc<dyn Fn(u64) + Send + Sync>;
 #[derive(Default)]
 struct State {
     free: BTreeMap<usize, Vec<Vec<u8>>>,
+    /// Per class, the tick of its latest take or return: trims release the
+    /// classes untouched longest first.
+    touched: HashMap<usize, u64>,
+    tick: u64,
     cached_bytes: u64,
     stats: AllocatorStats,
 }
@@ -117,6 +121,9 @@ impl Drop for CachedBuffer {
         s.stats.free_count += 1;
         s.cached_bytes += self.class as u64;
         s.free.entry(self.class).or_default().push(data);
+        s.tick += 1;
+        let tick = s.tick;
+        s.touched.insert(self.class, tick);
     }
 }
 
@@ -157,20 +164,21 @@ impl CachingAllocator {
                 ReclaimGoal::Idle | ReclaimGoal::All => u64::MAX,
                 ReclaimGoal::Bytes(n) => n,
             };
-            // Unexpected sizes first, largest first; then, for pressure or
-            // All, the expected ones.
+            // Unexpected sizes first, untouched longest first; then, for
+            // pressure or All, the expected ones.
             let passes: &[bool] = match goal {
                 ReclaimGoal::Idle => &[false],
                 _ => &[false, true],
             };
             for &take_kept in passes {
-                let classes: Vec<usize> = s
+                let mut classes: Vec<(u64, usize)> = s
                     .free
                     .keys()
-                    .rev()
-                    .copied()
                     .filter(|c| keep.contains(c) == take_kept)
+                    .map(|&c| (s.touched.get(&c).copied().unwrap_or(0), c))
                     .collect();
+                classes.sort_unstable();
+                let classes = classes.into_iter().map(|(_, c)| c);
                 for class in classes {
                     while freed < want {
                         let Some(buf) = s.free.get_mut(&class).and_then(Vec::pop) else {
@@ -181,6 +189,7 @@ impl CachingAllocator {
                     }
                     if s.free.get(&class).is_some_and(Vec::is_empty) {
                         s.free.remove(&class);
+                        s.touched.remove(&class);
                     }
                 }
             }

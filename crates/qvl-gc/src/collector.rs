@@ -68,7 +68,7 @@ struct Rate {
 /// Members ([`Reclaimable`]) are registered once; a collection drops
 /// garbage (finished KV blocks), then asks caches and allocators to give back
 /// memory: under pressure at least the excess over the target
-/// (`live * (1 + target_slack)`), when idle whatever the registry's forecast
+/// (`(1 + target_slack)` times the highest live memory seen), when idle whatever the registry's forecast
 /// does not expect to be reused. With `adaptive_enabled` the interval is the
 /// time the current growth rate of reserved memory needs to use up the
 /// headroom to the target, within `[min_interval, max_interval]`, and an
@@ -80,6 +80,8 @@ pub struct Collector {
     running: Mutex<()>,
     interval_ns: AtomicU64,
     next_due_ns: AtomicU64,
+    /// Highest live memory seen: cache below it never raises the peak.
+    live_high_water: AtomicU64,
     polls: AtomicU64,
     rate: Mutex<Rate>,
     collections: AtomicU64,
@@ -106,6 +108,7 @@ impl Collector {
         Ok(Arc::new(Collector {
             interval_ns: AtomicU64::new(interval),
             next_due_ns: AtomicU64::new(now + interval),
+            live_high_water: AtomicU64::new(0),
             config,
             registry,
             members: RwLock::new(Vec::new()),
@@ -166,9 +169,16 @@ impl Collector {
         }
     }
 
-    /// The most cached memory the target allows over `live` bytes.
+    /// The most reserved memory the target allows with `live` bytes live:
+    /// `(1 + target_slack)` times the highest live memory seen (memory that
+    /// was needed once is likely needed again, and keeping it cached never
+    /// raises the peak), capped by the budget.
     fn target(&self, live: u64) -> u64 {
-        let t = (live as f64 * (1.0 + self.config.target_slack)) as u64;
+        let high = self
+            .live_high_water
+            .fetch_max(live, Ordering::Relaxed)
+            .max(live);
+        let t = (high as f64 * (1.0 + self.config.target_slack)) as u64;
         match self.config.memory_budget {
             Some(b) => t
                 .min(((b as f64) * self.config.pressure_high) as u64)

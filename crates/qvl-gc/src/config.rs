@@ -25,8 +25,8 @@ pub struct GcConfig {
     /// Longest adaptive interval (a calm system is still swept this often).
     #[serde(deserialize_with = "duration")]
     pub max_interval: Duration,
-    /// Target: cached (reserved but not live) memory at most this share of
-    /// live memory. 0.03 keeps reserved within 3% of live.
+    /// Target: reserved memory at most `1 + target_slack` times the highest
+    /// live memory seen. 0.03 keeps peak reserved within 3% of peak live.
     pub target_slack: f64,
     /// Optional memory budget in bytes: reserved above `pressure_high` of it
     /// is high pressure (collect at the shortest interval).

