@@ -19,7 +19,7 @@ use std::time::Duration;
 pub const ENV_PREFIX: &str = "QVL_";
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Phase 1: pools for tensor buffers.
@@ -36,20 +36,6 @@ pub struct Config {
     pub garbage_collection: GcConfig,
     /// What the machine offers.
     pub hardware: HardwareConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            memory_pooling: PoolingConfig::default(),
-            caching: CachingConfig::default(),
-            compression: CompressionConfig::default(),
-            swapping: SwappingConfig::default(),
-            tiering: TieringConfig::default(),
-            garbage_collection: GcConfig::default(),
-            hardware: HardwareConfig::default(),
-        }
-    }
 }
 
 /// `[memory_pooling]`
