@@ -7,6 +7,7 @@
 
 mod cache;
 mod compress;
+mod gc;
 mod metrics;
 mod model;
 mod pool;
@@ -37,7 +38,7 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
     ("swap", "long-context decode throughput with KV swapped to SSD", Some(swap::run)),
     ("tier", "tokens/s with weights streamed under RAM budgets", None),
-    ("gc", "peak reserved memory against the offline optimum", None),
+    ("gc", "peak reserved memory against the offline optimum", Some(gc::run)),
     ("metrics", "cost per recorded event", Some(metrics::run)),
 ];
 
