@@ -36,6 +36,8 @@ pub struct Config {
     pub garbage_collection: GcConfig,
     /// What the machine offers.
     pub hardware: HardwareConfig,
+    /// The metrics collector and the dashboard (`qvl run --dashboard`).
+    pub metrics: qvl_metrics::MetricsConfig,
 }
 
 /// `[memory_pooling]`
@@ -576,6 +578,13 @@ fn friendly_type(expected: &str) -> String {
 }
 
 fn validate(c: &Config, figment: &Figment) -> Result<()> {
+    c.metrics
+        .validate()
+        .map_err(|e| RuntimeError::InvalidValue {
+            key: "metrics".to_string(),
+            origin: origin(figment, "metrics"),
+            reason: e.to_string(),
+        })?;
     let range = |key: &str, value: f64, lo: f64, hi: f64, lo_open: bool| -> Result<()> {
         let ok = if lo_open { value > lo } else { value >= lo } && value <= hi;
         if ok {

@@ -73,7 +73,25 @@ enum Command {
         /// Most tokens to generate (generation also stops at end of turn).
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
-        /// A TOML config file ([hardware] threads is applied).
+        /// A TOML config file ([hardware] threads and [metrics] are applied).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Serve the live dashboard ([metrics.dashboard], 127.0.0.1:9464 by default) during the run.
+        #[arg(long)]
+        dashboard: bool,
+    },
+    /// `qvl run --dashboard`, then keep serving the dashboard until the process is ended.
+    Dashboard {
+        /// A .gguf file or a Qwen3-VL checkpoint directory; default: SmolLM2.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The user prompt.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// A TOML config file.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -174,12 +192,29 @@ fn main() -> ExitCode {
             image,
             max_tokens,
             config,
+            dashboard,
         } => commands::run::run(commands::run::RunArgs {
             model,
             prompt,
             images: image,
             max_tokens,
             config,
+            dashboard,
+            keep_serving: false,
+        }),
+        Command::Dashboard {
+            model,
+            prompt,
+            max_tokens,
+            config,
+        } => commands::run::run(commands::run::RunArgs {
+            model,
+            prompt,
+            images: Vec::new(),
+            max_tokens,
+            config,
+            dashboard: true,
+            keep_serving: true,
         }),
         Command::Perplexity { model, text, json } => commands::run::perplexity(model, &text, json),
         Command::Generate {

@@ -56,7 +56,12 @@ fn replay_json_has_every_policy_and_capacity() {
 fn replay_names_the_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("bad.jsonl");
-    std::fs::write(&trace, "{\"hash_ids\":[1]}\n{\"hash_ids\":\"x\"}\n").unwrap();
+    std::fs::write(
+        &trace,
+        "{\"timestamp\":0,\"input_length\":512,\"output_length\":1,\"hash_ids\":[1]}\n\
+         {\"timestamp\":1,\"input_length\":512,\"output_length\":1,\"hash_ids\":\"x\"}\n",
+    )
+    .unwrap();
     let out = qvl()
         .args(["cache", "replay", "--trace"])
         .arg(&trace)
@@ -64,5 +69,6 @@ fn replay_names_the_bad_line() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.jsonl") && err.contains('2'), "{err}");
+    assert!(err.contains("bad.jsonl:2:"), "{err}");
+    assert!(err.contains("hash_ids"), "{err}");
 }

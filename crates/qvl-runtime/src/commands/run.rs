@@ -1,6 +1,8 @@
 //! `qvl run` (stream a reply to a prompt, then a memory report),
 //! `qvl perplexity`, and the SmolLM2 format of `qvl golden`.
 use anyhow::{bail, Context, Result};
+use qvl_core::{MetricEvent, MetricsRecorder, Tier};
+use qvl_metrics::{Collector, Dashboard};
 use qvl_model::fetch::{self, FetchOptions, SMOLLM2};
 use qvl_model::llama::{self, GgufTextModel, Perplexity};
 use qvl_model::preprocess;
@@ -11,6 +13,7 @@ use qvl_runtime::config::{self, ConfigSources};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The prompt of `qvl run` when none is given.
@@ -28,6 +31,11 @@ pub struct RunArgs {
     pub max_tokens: usize,
     /// A TOML config file.
     pub config: Option<PathBuf>,
+    /// Serve the live dashboard during the run.
+    pub dashboard: bool,
+    /// Keep serving the dashboard after the run until the process is ended
+    /// (`qvl dashboard`).
+    pub keep_serving: bool,
 }
 
 /// What was measured during one `qvl run`, for the report.
@@ -55,6 +63,20 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         // The matmul pool reads this when it first starts, which is later.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    let collector = Arc::new(Collector::new());
+    let metrics_cfg = &loaded.config.metrics;
+    let _sampler = collector
+        .start_sampler(metrics_cfg.sample_interval())
+        .context("starting the metrics sampler")?;
+    let dashboard = if args.dashboard || args.keep_serving {
+        let cfg = metrics_cfg.dashboard.clone();
+        let handle = Dashboard::serve(collector.clone(), cfg.socket_addr(), cfg)
+            .context("starting the dashboard")?;
+        eprintln!("dashboard: {}", handle.url());
+        Some(handle)
+    } else {
+        None
+    };
     let prompt = args.prompt.as_deref().unwrap_or(DEFAULT_PROMPT);
     let model_path = match &args.model {
         Some(p) => p.clone(),
@@ -69,9 +91,27 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 model_path.display()
             );
         }
-        run_gguf(&model_path, prompt, args.max_tokens)?
+        run_gguf(&model_path, prompt, args.max_tokens, collector.as_ref())?
     };
     print_report(&stats);
+    // The run's totals, so the report and the dashboard show the whole run.
+    collector.record(&MetricEvent::Memory {
+        tier: Tier::HostRam,
+        allocated: (stats.weight_bytes + stats.kv_bytes) as u64,
+        reserved: peak_rss_bytes().unwrap_or(0) as u64,
+    });
+    eprint!("{}", collector.snapshot().report().table());
+    if let Some(handle) = dashboard {
+        if args.keep_serving {
+            eprintln!(
+                "dashboard: still serving {}; end the process to stop",
+                handle.url()
+            );
+            handle.wait().context("serving the dashboard")?;
+        } else {
+            handle.shutdown().context("stopping the dashboard")?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -90,16 +130,33 @@ fn default_model() -> Result<PathBuf> {
     .context("fetching the default model (or pass --model PATH)")
 }
 
-fn run_gguf(path: &Path, prompt: &str, max_tokens: usize) -> Result<RunStats> {
+fn run_gguf(
+    path: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    recorder: &dyn MetricsRecorder,
+) -> Result<RunStats> {
     let t = Instant::now();
     let model = GgufTextModel::load(path).with_context(|| format!("loading {}", path.display()))?;
     let load_secs = t.elapsed().as_secs_f64();
+    recorder.record(&MetricEvent::Memory {
+        tier: Tier::HostRam,
+        allocated: model.weight_bytes() as u64,
+        reserved: peak_rss_bytes().unwrap_or(0) as u64,
+    });
     let ids = model.prompt_ids(prompt)?;
     let mut session = model.new_session();
     let mut decoder = model.tokenizer().stream_decoder();
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
+    let mut last_token = Instant::now();
     let generation = model.generate(&mut session, &ids, max_tokens, true, &mut |tok| {
+        // One event per token: the dashboard's tokens/s is live.
+        recorder.record(&MetricEvent::Tokens {
+            count: 1,
+            elapsed: last_token.elapsed(),
+        });
+        last_token = Instant::now();
         let piece = decoder.push(tok);
         if write_err.is_none() {
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
