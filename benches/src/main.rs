@@ -12,6 +12,7 @@ mod metrics;
 mod model;
 mod pool;
 mod swap;
+mod tier;
 
 use anyhow::{bail, Context, Result};
 use qvl_core::bench::BenchReport;
@@ -37,7 +38,7 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
     ("cache", "hit ratio on the Mooncake trace against LRU and Belady", Some(cache::run)),
     ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
     ("swap", "long-context decode throughput with KV swapped to SSD", Some(swap::run)),
-    ("tier", "tokens/s with weights streamed under RAM budgets", None),
+    ("tier", "tokens/s with weights streamed under RAM budgets", Some(tier::run)),
     ("gc", "peak reserved memory against the offline optimum", Some(gc::run)),
     ("metrics", "cost per recorded event", Some(metrics::run)),
 ];

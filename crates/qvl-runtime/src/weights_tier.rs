@@ -17,7 +17,7 @@ use qvl_model::text::{DecoderLayer, DecoderTensorNames, LayerProvider, TextDecod
 use qvl_model::{DecoderConfig, ModelError};
 use qvl_tier::{ObjectId, Resident, TierConfig, TierError, TierManager, TierStats};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Where a tensor sits inside its layer's image.
 #[derive(Debug, Clone)]
@@ -37,6 +37,10 @@ pub struct TieredLayers {
     config: DecoderConfig,
     names: DecoderTensorNames,
     weight_bytes: usize,
+    /// Layers built over kept RAM copies, reused while the copy stays
+    /// kept (keyed by the copy's address); dropped once it is demoted so
+    /// the cache never holds bytes the tier has let go.
+    built: Mutex<Vec<Option<(usize, Arc<DecoderLayer>)>>>,
 }
 
 /// Tensor images start on this boundary inside a layer image.
@@ -98,6 +102,7 @@ impl TieredLayers {
             config: config.clone(),
             names: names.clone(),
             weight_bytes,
+            built: Mutex::new(vec![None; config.num_layers]),
         })
     }
 
@@ -158,8 +163,33 @@ impl LayerProvider for TieredLayers {
         self.manager
             .prefetch_after(&self.order, index)
             .map_err(tier_error)?;
+        let key = Arc::as_ptr(&bytes) as *const u8 as usize;
+        let kept = self.manager.is_resident(id).map_err(tier_error)?;
+        // The cache holds no tensor of its own: poison cannot leave it invalid.
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if index == 0 {
+            for (slot, &other) in built.iter_mut().zip(&self.order) {
+                if slot.is_some() && !self.manager.is_resident(other).map_err(tier_error)? {
+                    *slot = None;
+                }
+            }
+        }
+        if kept {
+            if let Some((k, layer)) = &built[index] {
+                if *k == key {
+                    return Ok(layer.clone());
+                }
+            }
+        }
         let image = LayerImage::over(table, Arc::new(TierBytes(bytes)))?;
-        DecoderLayer::load(&self.config, &image, &self.names, index).map(Arc::new)
+        let layer = Arc::new(DecoderLayer::load(
+            &self.config,
+            &image,
+            &self.names,
+            index,
+        )?);
+        built[index] = kept.then(|| (key, layer.clone()));
+        Ok(layer)
     }
 }
 

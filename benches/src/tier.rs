@@ -1,0 +1,313 @@
+//! Phase 5 (qvl-tier): decode tokens/s of a generated model on disk with
+//! its layer weights streamed through a RAM budget of 1x, 1/2 and 1/4 of
+//! their size, against all weights in RAM, against static placement (the
+//! first layers that fit resident, the rest read on demand with no
+//! prefetch), and against the SSD-bandwidth bound (bytes streamed per token
+//! over the read bandwidth measured in the same run through the same read
+//! path); then a long session of many requests with memory sampled.
+
+use crate::BenchOptions;
+use anyhow::{Context, Result};
+use qvl_core::bench::{BenchReport, Criterion};
+use qvl_core::{ByteSize, DType};
+use qvl_model::checkpoint::write_safetensors;
+use qvl_model::ops::Activation;
+use qvl_model::random::{decoder_tensor_shapes, random_weights};
+use qvl_model::text::{DecoderTensorNames, Logits, TextDecoder};
+use qvl_model::{DecoderConfig, RopeConfig, RopeKind, SafetensorsFile};
+use qvl_runtime::weights_tier::TieredLayers;
+use qvl_tier::TierConfig;
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn generated_config(quick: bool) -> DecoderConfig {
+    let (layers, hidden, inter) = if quick {
+        (8, 512, 2048)
+    } else {
+        (16, 1024, 4096)
+    };
+    DecoderConfig {
+        vocab_size: 4096,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: hidden / 64,
+        num_kv_heads: hidden / 256,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope: RopeConfig {
+            theta: 1_000_000.0,
+            kind: RopeKind::Plain,
+        },
+        qk_norm: true,
+        attention_bias: false,
+        tie_word_embeddings: false,
+        hidden_act: Activation::Silu,
+    }
+}
+
+/// Greedy decode of `steps` tokens after a short prompt; returns tokens/s
+/// of the decode steps and the tokens.
+fn decode(decoder: &TextDecoder, steps: usize) -> Result<(f64, Vec<u32>)> {
+    let mut cache = decoder.new_cache();
+    let prompt = [11u32, 42, 7, 99];
+    let pos: Vec<[i64; 3]> = (0..prompt.len() as i64).map(|p| [p; 3]).collect();
+    let mut logits = decoder.forward(
+        &mut cache,
+        decoder.embed(&prompt)?,
+        &prompt,
+        &pos,
+        None,
+        Logits::Last,
+    )?;
+    let mut out = Vec::new();
+    let start = Instant::now();
+    for step in 0..steps {
+        let token = argmax(&logits);
+        out.push(token);
+        let p = (prompt.len() + step) as i64;
+        logits = decoder.forward(
+            &mut cache,
+            decoder.embed(&[token])?,
+            &[token],
+            &[[p; 3]],
+            None,
+            Logits::Last,
+        )?;
+    }
+    Ok((steps as f64 / start.elapsed().as_secs_f64(), out))
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+struct Run {
+    tokens_per_s: f64,
+    streamed_per_token: f64,
+    tokens: Vec<u32>,
+    layers: Arc<TieredLayers>,
+    decoder: TextDecoder,
+}
+
+fn tiered(
+    cfg: &DecoderConfig,
+    src: &SafetensorsFile,
+    names: &DecoderTensorNames,
+    budget: u64,
+    prefetch_depth: usize,
+    dir: &Path,
+    steps: usize,
+) -> Result<Run> {
+    let tier = TierConfig {
+        cpu_ram: ByteSize(budget),
+        prefetch_depth,
+        spill_dir: Some(dir.to_path_buf()),
+        ..TierConfig::default()
+    };
+    let (decoder, layers) = TieredLayers::load_decoder(cfg.clone(), src, names, tier)
+        .context("loading the tiered decoder")?;
+    // Warm-up: placement settles on the first tokens.
+    decode(&decoder, 2)?;
+    layers.manager().wait_idle();
+    let before = layers.stats().ssd_read_bytes;
+    let (tokens_per_s, tokens) = decode(&decoder, steps)?;
+    layers.manager().wait_idle();
+    // The prefill of 4 tokens also streams once: count it as a token.
+    let streamed = (layers.stats().ssd_read_bytes - before) as f64 / (steps + 1) as f64;
+    Ok(Run {
+        tokens_per_s,
+        streamed_per_token: streamed,
+        tokens,
+        layers,
+        decoder,
+    })
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    let quick = opts.quick;
+    let steps = 16;
+    let cfg = generated_config(quick);
+    let names = DecoderTensorNames::hugging_face("model", "lm_head.weight");
+    let dir = opts.out_dir.join("tier-data");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("generated.safetensors");
+    {
+        let w = random_weights(&decoder_tensor_shapes(&cfg, &names), DType::Bf16, 5)
+            .context("generating weights")?;
+        write_safetensors(&path, &w.tensors()).context("writing the generated model")?;
+    }
+    let src = SafetensorsFile::open(&path).context("opening the generated model")?;
+
+    let resident = TextDecoder::load(cfg.clone(), &src, &names)?;
+    decode(&resident, 2)?; // page in the mapped weights
+    let (ram_tps, ram_tokens) = decode(&resident, steps)?;
+    let weight_bytes = resident.weight_bytes_per_token();
+    drop(resident);
+
+    // Budgets are fractions of the layer images (what the tier holds).
+    let probe = tiered(&cfg, &src, &names, u64::MAX / 4, 1, &dir, 1)?;
+    let image_bytes = probe.layers.image_bytes();
+    drop(probe);
+
+    let mut rows = Vec::new();
+    let mut criteria = Vec::new();
+    let mut quarter = None;
+    let mut static_quarter = None;
+    for (label, num, den) in [("1", 1, 1), ("1/2", 1, 2), ("1/4", 1, 4)] {
+        let budget = image_bytes * num / den;
+        let run = tiered(&cfg, &src, &names, budget, 1, &dir, steps)?;
+        let stat = tiered(&cfg, &src, &names, budget, 0, &dir, steps)?;
+        // The best of three passes: the bound must not be lowered by a
+        // noisy pass on a shared disk.
+        let mut bw = 0f64;
+        for _ in 0..3 {
+            bw = bw.max(
+                run.layers
+                    .manager()
+                    .measure_read_bandwidth()
+                    .context("measuring read bandwidth")?,
+            );
+        }
+        let bound = if run.streamed_per_token > 0.0 {
+            bw / run.streamed_per_token
+        } else {
+            f64::INFINITY
+        };
+        let same = run.tokens == ram_tokens && stat.tokens == ram_tokens;
+        let s = run.layers.stats();
+        rows.push(json!({
+            "budget": label,
+            "budget_bytes": budget,
+            "tiered_tokens_per_s": run.tokens_per_s,
+            "static_tokens_per_s": stat.tokens_per_s,
+            "all_in_ram_tokens_per_s": ram_tps,
+            "streamed_bytes_per_token": run.streamed_per_token,
+            "static_streamed_bytes_per_token": stat.streamed_per_token,
+            "read_bandwidth_bytes_per_s": bw,
+            "bound_tokens_per_s": bound,
+            "tokens_equal_all_in_ram": same,
+            "ram_peak_bytes": s.tiers[1].peak,
+            "stats": s,
+        }));
+        println!(
+            "budget {label}: tiered {:.2} tok/s, static {:.2}, all-in-RAM {:.2}, bound {:.2} ({:.0} MB/token at {:.0} MB/s), peak RAM {:.0}/{:.0} MB",
+            run.tokens_per_s,
+            stat.tokens_per_s,
+            ram_tps,
+            bound,
+            run.streamed_per_token / 1e6,
+            bw / 1e6,
+            s.tiers[1].peak as f64 / 1e6,
+            budget as f64 / 1e6
+        );
+        criteria.push(Criterion::higher_is_better(
+            format!("budget {label}: output equals all-in-RAM"),
+            "bool",
+            f64::from(u8::from(same)),
+            1.0,
+            1.0,
+        ));
+        if den == 4 {
+            quarter = Some((run, bound));
+            static_quarter = Some(stat.tokens_per_s);
+        } else if den == 1 {
+            criteria.push(Criterion::higher_is_better(
+                "budget 1x: tiered vs all in RAM",
+                "tokens/s",
+                run.tokens_per_s,
+                ram_tps,
+                0.9,
+            ));
+        }
+    }
+    let (run, bound) = quarter.context("the 1/4 budget ran")?;
+    let static_tps = static_quarter.context("the static run ran")?;
+    criteria.push(Criterion::higher_is_better(
+        "budget 1/4: tiered vs SSD-bandwidth bound",
+        "tokens/s",
+        run.tokens_per_s,
+        bound,
+        0.7,
+    ));
+    criteria.push(Criterion::higher_is_better(
+        "budget 1/4: tiered vs static placement",
+        "tokens/s",
+        run.tokens_per_s,
+        static_tps,
+        1.0,
+    ));
+
+    // Long session: many short requests on the 1/4-budget decoder.
+    let requests = if quick { 12 } else { 40 };
+    let mut rss = Vec::new();
+    let mut ram_used = Vec::new();
+    for r in 0..requests {
+        decode(&run.decoder, 3)?;
+        run.layers.manager().wait_idle();
+        if r >= 2 {
+            rss.push(rss_bytes());
+            ram_used.push(run.layers.stats().tiers[1].used);
+        }
+    }
+    let first_rss = *rss.first().context("samples")? as f64;
+    let max_rss = rss.iter().copied().max().unwrap_or(0) as f64;
+    let s = run.layers.stats();
+    let budget = s.tiers[1].budget as f64;
+    criteria.push(Criterion::lower_is_better(
+        format!("long session ({requests} requests): max RSS vs RSS after warm-up"),
+        "bytes",
+        max_rss,
+        first_rss,
+        0.97,
+    ));
+    criteria.push(Criterion::lower_is_better(
+        "long session: peak accounted RAM vs budget",
+        "bytes",
+        s.tiers[1].peak as f64,
+        budget,
+        1.0,
+    ));
+
+    let mut report = BenchReport::new("tier");
+    report.criteria = criteria;
+    report.details = json!({
+        "command": format!("cargo run --release -p qvl-bench -- tier{}", if quick { " --quick" } else { "" }),
+        "model": {
+            "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size, "dtype": "bf16",
+            "layer_weight_bytes_per_token": weight_bytes,
+            "layer_image_bytes": image_bytes,
+            "file": path.display().to_string(),
+        },
+        "decode_steps": steps,
+        "all_in_ram_tokens_per_s": ram_tps,
+        "budgets": rows,
+        "long_session": {
+            "requests": requests,
+            "rss_bytes": rss,
+            "ram_used_bytes": ram_used,
+            "final_stats": s,
+        },
+        "notes": "static placement = same tier manager with prefetch_depth 0: the first layers that fit stay resident (hysteresis keeps them), the rest are read on demand every token. Reads are pread with posix_fadvise(DONTNEED) after each read, so the page cache does not serve them; the bandwidth bound is measured with the same reads in the same run.",
+    });
+    drop(run);
+    let _ = std::fs::remove_file(&path);
+    Ok(report)
+}
