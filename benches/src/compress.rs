@@ -586,7 +586,173 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             "faer_rel_frobenius": faer_rel,
             "nalgebra_rel_frobenius": nalgebra_rel,
         },
-        "pending": "perplexity, KL and top-1 agreement need the model (issue 7, qvl perplexity --kv-codec)",
     });
+    match model_section(opts)? {
+        Ok((criteria, details)) => {
+            report.criteria.extend(criteria);
+            report.details["model"] = details;
+        }
+        Err(reason) => {
+            println!("model section skipped: {reason}");
+            report.details["model"] = json!({ "skipped": reason });
+        }
+    }
     Ok(report)
+}
+
+/// Tokens of the long text scored by the model section (full and quick).
+const MODEL_TOKENS: (usize, usize) = (640, 320);
+
+/// The model section: perplexity of SmolLM2-135M with its KV cache in f32,
+/// KIVI int8 and int4 (through `qvl_runtime::kv_codec`), in the same run,
+/// over the golden text and a longer text (the repository's Apache license,
+/// cut to a fixed number of tokens, so blocks fill and leave the recent
+/// window). `None` (with the reason) when the model is not cached.
+fn model_section(
+    opts: &BenchOptions,
+) -> Result<std::result::Result<(Vec<Criterion>, serde_json::Value), String>> {
+    use qvl_runtime::kv_codec::{
+        measure_kv_codecs, KvCodecKind, KvCodecOptions, KvEvalOptions, KvQualityReport,
+    };
+    let Some(path) = qvl_model::fetch::find_cached(&qvl_model::fetch::SMOLLM2) else {
+        return Ok(Err(format!(
+            "SmolLM2-135M GGUF ({}) is not in the models cache; `qvl fetch-model smollm2` puts it there",
+            qvl_model::fetch::SMOLLM2.file_name
+        )));
+    };
+    let model = qvl_model::llama::GgufTextModel::load(&path)?;
+    let golden_file = opts
+        .repo_root
+        .join("crates/qvl-model/tests/data/smollm2/golden.json");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&golden_file)?)?;
+    let golden_text = golden["text"]
+        .as_str()
+        .ok_or_else(|| anyhow!("{} has no \"text\"", golden_file.display()))?;
+    let license = opts.repo_root.join("LICENSE-APACHE");
+    let long_text = std::fs::read_to_string(&license)
+        .map_err(|e| anyhow!("reading {}: {e}", license.display()))?;
+    let long_tokens = if opts.quick {
+        MODEL_TOKENS.1
+    } else {
+        MODEL_TOKENS.0
+    };
+    let mut long_ids = model.tokenizer().encode(&long_text, true);
+    long_ids.truncate(long_tokens);
+    let golden_ids = model.tokenizer().encode(golden_text, true);
+    let codecs = [
+        KvCodecOptions::of(KvCodecKind::Int8),
+        KvCodecOptions::of(KvCodecKind::Int4),
+    ];
+    // The golden text is ~90 tokens: 16-token blocks let some of it leave
+    // the 32-token recent window; the long text uses 128-token blocks (key
+    // groups of 128 tokens).
+    let golden_eval = KvEvalOptions {
+        block_tokens: 16,
+        chunk_tokens: 16,
+    };
+    let long_eval = KvEvalOptions::default();
+    let golden_report = measure_kv_codecs(&model, &golden_ids, &codecs, golden_eval)?;
+    let long_report = measure_kv_codecs(&model, &long_ids, &codecs, long_eval)?;
+    let rows = |name: &str, r: &KvQualityReport| -> Vec<serde_json::Value> {
+        r.runs
+            .iter()
+            .map(|run| {
+                let s = run.stats;
+                println!(
+                    "model {name:<7} {:<5} ppl {:>9.4} ({:+.4}%)  KL {:.2e}  top1 {:.4}  KV held {} B (f16 {} B, x{:.2}), encoded x{:.2} vs f16 ({:.2} bits, {:.2} per quantized value), quantized {:.1}%",
+                    run.kind.as_str(),
+                    run.perplexity,
+                    100.0 * run.perplexity_rel_change,
+                    run.kl_mean,
+                    run.top1_agreement,
+                    s.held_bytes,
+                    s.f16_bytes,
+                    s.ratio_vs_f16(),
+                    s.encoded_ratio_vs_f16(),
+                    s.encoded_bits_per_value(),
+                    s.quantized_bits_per_value(),
+                    100.0 * s.quantized_fraction()
+                );
+                json!({
+                    "text": name,
+                    "kv_codec": run.kind.as_str(),
+                    "codec": run.codec,
+                    "tokens": r.tokens,
+                    "block_tokens": r.eval.block_tokens,
+                    "chunk_tokens": r.eval.chunk_tokens,
+                    "perplexity": run.perplexity,
+                    "perplexity_rel_change": run.perplexity_rel_change,
+                    "nll_mean": run.nll_mean,
+                    "kl_mean": run.kl_mean,
+                    "kl_max": run.kl_max,
+                    "top1_agreement": run.top1_agreement,
+                    "held_bytes": s.held_bytes,
+                    "f32_bytes": s.f32_bytes,
+                    "f16_bytes": s.f16_bytes,
+                    "held_ratio_vs_f16": s.ratio_vs_f16(),
+                    "encoded_bytes": s.encoded_bytes,
+                    "encoded_ratio_vs_f16": s.encoded_ratio_vs_f16(),
+                    "encoded_bits_per_value": s.encoded_bits_per_value(),
+                    "quantized_fraction": s.quantized_fraction(),
+                    "quantized_values": s.quantized_values,
+                    "quantized_bits_per_value": s.quantized_bits_per_value(),
+                    "exact_sink_bytes": s.exact_bytes,
+                    "secs": run.secs,
+                })
+            })
+            .collect()
+    };
+    let mut details = rows("golden", &golden_report);
+    details.extend(rows("license", &long_report));
+    let run_of = |kind: KvCodecKind| {
+        long_report
+            .runs
+            .iter()
+            .find(|r| r.kind == kind)
+            .ok_or_else(|| anyhow!("no {kind} run"))
+    };
+    let (base, i8, i4) = (
+        run_of(KvCodecKind::None)?,
+        run_of(KvCodecKind::Int8)?,
+        run_of(KvCodecKind::Int4)?,
+    );
+    let criteria = vec![
+        gate(
+            "SmolLM2 perplexity, KV int8 (KIVI g64) vs f32 KV",
+            "ppl",
+            i8.perplexity,
+            base.perplexity,
+            "|ratio - 1| <= 0.001",
+            (i8.perplexity / base.perplexity - 1.0).abs() <= 0.001,
+        ),
+        gate(
+            "SmolLM2 perplexity, KV int4 (KIVI g64) vs f32 KV",
+            "ppl",
+            i4.perplexity,
+            base.perplexity,
+            "|ratio - 1| <= 0.01",
+            (i4.perplexity / base.perplexity - 1.0).abs() <= 0.01,
+        ),
+        gate(
+            "SmolLM2 KV int4: bits per quantized value (codes+scales+headers) vs f16",
+            "bits",
+            i4.stats.quantized_bits_per_value(),
+            16.0,
+            "16 / value >= 3.5",
+            16.0 / i4.stats.quantized_bits_per_value() >= 3.5,
+        ),
+    ];
+    Ok(Ok((
+        criteria,
+        json!({
+            "model": path.display().to_string(),
+            "long_text": "LICENSE-APACHE, first tokens",
+            "sink_tokens": codecs[0].sink_tokens,
+            "recent_tokens": codecs[0].recent_tokens,
+            "value_group_channels": codecs[0].group_size,
+            "key_group_tokens": codecs[0].key_group_tokens,
+            "sinks_f16": codecs[0].sinks_f16,
+            "runs": details,
+        }),
+    )))
 }
