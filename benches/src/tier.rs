@@ -22,6 +22,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Layers read ahead by the tiered runs.
+const PREFETCH_DEPTH: usize = 2;
+/// Rounds of each tiered and static measurement (best kept).
+const ROUNDS: usize = 2;
+
 fn generated_config(quick: bool) -> DecoderConfig {
     let (layers, hidden, inter) = if quick {
         (8, 512, 2048)
@@ -157,7 +162,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 
     let resident = TextDecoder::load(cfg.clone(), &src, &names)?;
     decode(&resident, 2)?; // page in the mapped weights
-    let (ram_tps, ram_tokens) = decode(&resident, steps)?;
+    let (mut ram_tps, ram_tokens) = decode(&resident, steps)?;
+    for _ in 1..ROUNDS {
+        ram_tps = ram_tps.max(decode(&resident, steps)?.0);
+    }
     let weight_bytes = resident.weight_bytes_per_token();
     drop(resident);
 
@@ -172,8 +180,21 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let mut static_quarter = None;
     for (label, num, den) in [("1", 1, 1), ("1/2", 1, 2), ("1/4", 1, 4)] {
         let budget = image_bytes * num / den;
-        let run = tiered(&cfg, &src, &names, budget, 1, &dir, steps)?;
-        let stat = tiered(&cfg, &src, &names, budget, 0, &dir, steps)?;
+        // Two rounds, alternating, best of each: the machine is shared and
+        // a single run is noisy. Depth 2 keeps the I/O queue non-empty
+        // across the reader's wake-ups.
+        let mut run = tiered(&cfg, &src, &names, budget, PREFETCH_DEPTH, &dir, steps)?;
+        let mut stat = tiered(&cfg, &src, &names, budget, 0, &dir, steps)?;
+        for _ in 1..ROUNDS {
+            let again = tiered(&cfg, &src, &names, budget, PREFETCH_DEPTH, &dir, steps)?;
+            if again.tokens_per_s > run.tokens_per_s {
+                run = again;
+            }
+            let again = tiered(&cfg, &src, &names, budget, 0, &dir, steps)?;
+            if again.tokens_per_s > stat.tokens_per_s {
+                stat = again;
+            }
+        }
         // The best of three passes: the bound must not be lowered by a
         // noisy pass on a shared disk.
         let mut bw = 0f64;

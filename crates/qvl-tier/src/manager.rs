@@ -25,9 +25,67 @@ pub struct ObjectId(pub u64);
 pub(crate) struct Usage {
     used: AtomicU64,
     peak: AtomicU64,
+    /// Freed read buffers kept for the next read (still charged): reusing
+    /// them spares the page faults and zeroing of a fresh allocation.
+    pool: Mutex<Vec<Vec<u8>>>,
+    pooled: AtomicU64,
+    pool_cap: AtomicU64,
 }
 
 impl Usage {
+    /// A buffer of `len` bytes, charged: a pooled one when one is large
+    /// enough (already charged), else a new one (pooled ones that are too
+    /// small are freed first, so the charge stays within what was asked).
+    fn buffer(&self, len: usize) -> (Vec<u8>, u64) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pool.iter().position(|b| b.capacity() >= len) {
+            let mut buf = pool.swap_remove(i);
+            let charged = buf.capacity() as u64;
+            self.pooled.fetch_sub(charged, Ordering::AcqRel);
+            // Only a grown part is zeroed; the read overwrites all of it.
+            buf.resize(len, 0);
+            return (buf, charged);
+        }
+        for b in pool.drain(..) {
+            let cap = b.capacity() as u64;
+            self.pooled.fetch_sub(cap, Ordering::AcqRel);
+            self.used.fetch_sub(cap, Ordering::AcqRel);
+        }
+        drop(pool);
+        let buf = vec![0u8; len];
+        let charged = buf.capacity() as u64;
+        self.charge(charged);
+        (buf, charged)
+    }
+
+    /// Takes back a buffer: pooled when there is room, else freed.
+    fn give_back(&self, buf: Vec<u8>, charged: u64) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if self.pooled.load(Ordering::Acquire) + charged <= self.pool_cap.load(Ordering::Acquire) {
+            self.pooled.fetch_add(charged, Ordering::AcqRel);
+            pool.push(buf);
+        } else {
+            drop(pool);
+            drop(buf);
+            self.used.fetch_sub(charged, Ordering::AcqRel);
+        }
+    }
+
+    /// Frees every pooled buffer.
+    fn clear_pool(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        for b in pool.drain(..) {
+            let cap = b.capacity() as u64;
+            self.pooled.fetch_sub(cap, Ordering::AcqRel);
+            self.used.fetch_sub(cap, Ordering::AcqRel);
+        }
+    }
+
+    /// Charged bytes a new read can reuse.
+    fn pooled(&self) -> u64 {
+        self.pooled.load(Ordering::Acquire)
+    }
+
     fn charge(&self, bytes: u64) {
         let now = self.used.fetch_add(bytes, Ordering::AcqRel) + bytes;
         self.peak.fetch_max(now, Ordering::AcqRel);
@@ -47,6 +105,7 @@ impl Usage {
 pub struct Resident {
     id: ObjectId,
     data: Vec<u8>,
+    charged: u64,
     usage: Arc<Usage>,
 }
 
@@ -73,8 +132,7 @@ impl AsRef<[u8]> for Resident {
 impl Drop for Resident {
     fn drop(&mut self) {
         self.usage
-            .used
-            .fetch_sub(self.data.len() as u64, Ordering::AcqRel);
+            .give_back(std::mem::take(&mut self.data), self.charged);
     }
 }
 
@@ -206,6 +264,11 @@ impl TierManager {
         st.next_id += 1;
         st.total_bytes += len;
         st.largest = st.largest.max(len);
+        // Room to recycle the streaming buffers the budget reserves.
+        self.shared.ram.pool_cap.store(
+            st.largest * (self.shared.config.prefetch_depth as u64 + 1),
+            Ordering::Release,
+        );
         st.objects.insert(
             id,
             Object {
@@ -231,11 +294,16 @@ impl TierManager {
         if obj.ram.is_some() {
             st.resident_bytes -= obj.extent.len;
         }
-        if st.objects.is_empty() {
+        let emptied = st.objects.is_empty();
+        if emptied {
             st.largest = 0;
         }
         drop(st);
         self.shared.spill.release(obj.extent);
+        drop(obj);
+        if emptied {
+            self.shared.ram.clear_pool();
+        }
         Ok(())
     }
 
@@ -325,7 +393,9 @@ impl TierManager {
         if obj.ram.is_some() || obj.staged.is_some() || obj.loading {
             return Ok(false);
         }
-        if sh.ram.used() + obj.extent.len > sh.config.cpu_ram.bytes() {
+        if sh.ram.used() - sh.ram.pooled().min(obj.extent.len) + obj.extent.len
+            > sh.config.cpu_ram.bytes()
+        {
             sh.counters.prefetch_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
@@ -516,6 +586,7 @@ impl TierManager {
                 },
             ],
             resident_bytes: st.resident_bytes,
+            pooled_bytes: sh.ram.pooled(),
             object_bytes: st.total_bytes,
             promotions: load(&c.promotions),
             demotions: load(&c.demotions),
@@ -576,13 +647,13 @@ impl Shared {
     fn read(&self, id: u64, extent: Extent) -> Result<Arc<Resident>> {
         // Lengths fit in usize: they came from in-memory slices.
         let len = extent.len as usize;
-        self.ram.charge(extent.len);
-        let resident = Resident {
+        let (data, charged) = self.ram.buffer(len);
+        let mut resident = Resident {
             id: ObjectId(id),
-            data: vec![0u8; len],
+            data,
+            charged,
             usage: self.ram.clone(),
         };
-        let mut resident = resident;
         let start = Instant::now();
         self.spill.read_into(extent, &mut resident.data)?;
         let took = start.elapsed();

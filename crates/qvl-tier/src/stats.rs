@@ -43,6 +43,8 @@ pub struct TierStats {
     pub tiers: Vec<TierUsage>,
     /// Bytes of the RAM copies the manager keeps.
     pub resident_bytes: u64,
+    /// Bytes of freed read buffers kept for reuse (part of the RAM use).
+    pub pooled_bytes: u64,
     /// Bytes of all objects.
     pub object_bytes: u64,
     /// Migrations SSD -> RAM.
