@@ -30,6 +30,9 @@ pub(crate) struct Usage {
     pool: Mutex<Vec<Vec<u8>>>,
     pooled: AtomicU64,
     pool_cap: AtomicU64,
+    /// Bytes of prefetches asked for and not yet read (their buffers are
+    /// not charged yet, but the budget must count them).
+    inflight: AtomicU64,
 }
 
 impl Usage {
@@ -178,7 +181,8 @@ struct Shared {
 
 enum Job {
     Promote(u64),
-    Prefetch(u64),
+    /// The object and the bytes counted in flight for it.
+    Prefetch(u64, u64),
 }
 
 /// Places objects (weights per layer or tensor, KV blocks, vision
@@ -393,16 +397,18 @@ impl TierManager {
         if obj.ram.is_some() || obj.staged.is_some() || obj.loading {
             return Ok(false);
         }
-        if sh.ram.used() - sh.ram.pooled().min(obj.extent.len) + obj.extent.len
-            > sh.config.cpu_ram.bytes()
-        {
+        let len = obj.extent.len;
+        let inflight = sh.ram.inflight.load(Ordering::Acquire);
+        let reusable = sh.ram.pooled().saturating_sub(inflight).min(len);
+        if sh.ram.used() + inflight + len - reusable > sh.config.cpu_ram.bytes() {
             sh.counters.prefetch_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
         obj.loading = true;
+        sh.ram.inflight.fetch_add(len, Ordering::AcqRel);
         drop(st);
         sh.counters.prefetch_issued.fetch_add(1, Ordering::Relaxed);
-        self.send(Job::Prefetch(id.0))?;
+        self.send(Job::Prefetch(id.0, len))?;
         Ok(true)
     }
 
@@ -723,15 +729,20 @@ impl Shared {
 
 fn io_loop(sh: &Shared, jobs: &Receiver<Job>) {
     while let Ok(job) = jobs.recv() {
-        let (id, promote) = match job {
-            Job::Promote(id) => (id, true),
-            Job::Prefetch(id) => (id, false),
+        let (id, promote, inflight) = match job {
+            Job::Promote(id) => (id, true, 0),
+            Job::Prefetch(id, len) => (id, false, len),
         };
         let extent = match sh.lock().objects.get(&id) {
-            Some(o) => o.extent,
-            None => continue,
+            Some(o) => Some(o.extent),
+            None => None,
         };
-        let read = sh.read(id, extent);
+        let read = extent.map(|e| sh.read(id, e));
+        // The buffer is charged now (or the object is gone).
+        sh.ram.inflight.fetch_sub(inflight, Ordering::AcqRel);
+        let (Some(extent), Some(read)) = (extent, read) else {
+            continue;
+        };
         let mut st = sh.lock();
         if let Some(obj) = st.objects.get_mut(&id) {
             obj.loading = false;
