@@ -736,6 +736,23 @@ pub struct KvQualityReport {
     pub runs: Vec<KvCodecRun>,
 }
 
+/// A session of `model` whose KV cache uses `options` (`None`: f32 blocks
+/// in RAM) with blocks of `block_tokens`.
+pub fn text_session(
+    model: &GgufTextModel,
+    options: KvCodecOptions,
+    block_tokens: usize,
+) -> Result<TextSession> {
+    let layout = model.decoder().kv_layout(block_tokens);
+    let storage: Box<dyn KvBlockStorage> = match options.kind {
+        KvCodecKind::None => Box::new(HostKvStorage::new(layout)),
+        _ => Box::new(CodecKvStorage::new(layout, options)?),
+    };
+    Ok(TextSession {
+        cache: PagedKvCache::new(storage),
+    })
+}
+
 /// `log_softmax(row)` in f64.
 fn log_softmax(row: &[f32]) -> Vec<f64> {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;

@@ -79,6 +79,9 @@ enum Command {
         /// Serve the live dashboard ([metrics.dashboard], 127.0.0.1:9464 by default) during the run.
         #[arg(long)]
         dashboard: bool,
+        /// Hold the KV cache encoded: none, int8 or int4 (KIVI; GGUF models).
+        #[arg(long, default_value = "none")]
+        kv_codec: qvl_runtime::kv_codec::KvCodecKind,
     },
     /// `qvl run --dashboard`, then keep serving the dashboard until the process is ended.
     Dashboard {
@@ -210,6 +213,7 @@ fn main() -> ExitCode {
             max_tokens,
             config,
             dashboard,
+            kv_codec,
         } => commands::run::run(commands::run::RunArgs {
             model,
             prompt,
@@ -218,6 +222,7 @@ fn main() -> ExitCode {
             config,
             dashboard,
             keep_serving: false,
+            kv_codec,
         }),
         Command::Dashboard {
             model,
@@ -232,6 +237,7 @@ fn main() -> ExitCode {
             config,
             dashboard: true,
             keep_serving: true,
+            kv_codec: qvl_runtime::kv_codec::KvCodecKind::None,
         }),
         Command::Perplexity {
             model,

@@ -36,6 +36,8 @@ pub struct RunArgs {
     /// Keep serving the dashboard after the run until the process is ended
     /// (`qvl dashboard`).
     pub keep_serving: bool,
+    /// How the KV cache is held (GGUF models).
+    pub kv_codec: qvl_runtime::kv_codec::KvCodecKind,
 }
 
 /// What was measured during one `qvl run`, for the report.
@@ -83,6 +85,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         None => default_model()?,
     };
     let stats = if model_path.is_dir() {
+        if args.kv_codec != qvl_runtime::kv_codec::KvCodecKind::None {
+            bail!(
+                "--kv-codec applies to GGUF models; {} is a Qwen3-VL checkpoint",
+                model_path.display()
+            );
+        }
         run_qwen3vl(&model_path, prompt, &args.images, args.max_tokens)?
     } else {
         if !args.images.is_empty() {
@@ -91,7 +99,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 model_path.display()
             );
         }
-        run_gguf(&model_path, prompt, args.max_tokens, collector.as_ref())?
+        run_gguf(
+            &model_path,
+            prompt,
+            args.max_tokens,
+            args.kv_codec,
+            collector.as_ref(),
+        )?
     };
     print_report(&stats);
     // The run's totals, so the report and the dashboard show the whole run.
@@ -134,6 +148,7 @@ fn run_gguf(
     path: &Path,
     prompt: &str,
     max_tokens: usize,
+    kv_codec: qvl_runtime::kv_codec::KvCodecKind,
     recorder: &dyn MetricsRecorder,
 ) -> Result<RunStats> {
     let t = Instant::now();
@@ -145,7 +160,14 @@ fn run_gguf(
         reserved: peak_rss_bytes().unwrap_or(0) as u64,
     });
     let ids = model.prompt_ids(prompt)?;
-    let mut session = model.new_session();
+    let mut session = match kv_codec {
+        qvl_runtime::kv_codec::KvCodecKind::None => model.new_session(),
+        kind => qvl_runtime::kv_codec::text_session(
+            &model,
+            qvl_runtime::kv_codec::KvCodecOptions::of(kind),
+            qvl_runtime::kv_codec::KvEvalOptions::default().block_tokens,
+        )?,
+    };
     let mut decoder = model.tokenizer().stream_decoder();
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
