@@ -718,7 +718,7 @@ fn model_section(
     );
     let criteria = vec![
         gate(
-            "SmolLM2 perplexity, KV int8 (KIVI g64) vs f32 KV",
+            "SmolLM2 perplexity, KV int8 (KIVI, K 128-token V 64-channel groups) vs f32 KV",
             "ppl",
             i8.perplexity,
             base.perplexity,
@@ -726,7 +726,7 @@ fn model_section(
             (i8.perplexity / base.perplexity - 1.0).abs() <= 0.001,
         ),
         gate(
-            "SmolLM2 perplexity, KV int4 (KIVI g64) vs f32 KV",
+            "SmolLM2 perplexity, KV int4 (KIVI, K 128-token V 64-channel groups) vs f32 KV",
             "ppl",
             i4.perplexity,
             base.perplexity,
