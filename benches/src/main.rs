@@ -33,13 +33,41 @@ type PhaseFn = fn(&BenchOptions) -> Result<BenchReport>;
 
 /// Every phase: name, what it measures, its function (None until its issue lands).
 const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
-    ("model", "prefill and decode tokens/s against the memory-bandwidth bound", Some(model::run)),
-    ("pool", "allocation time and reserved memory against the system allocator", Some(pool::run)),
-    ("cache", "hit ratio on the Mooncake trace against LRU and Belady", Some(cache::run)),
-    ("compress", "KV compression ratio, error and codec GB/s", Some(compress::run)),
-    ("swap", "long-context decode throughput with KV swapped to SSD", Some(swap::run)),
-    ("tier", "tokens/s with weights streamed under RAM budgets", Some(tier::run)),
-    ("gc", "peak reserved memory against the offline optimum", Some(gc::run)),
+    (
+        "model",
+        "prefill and decode tokens/s against the memory-bandwidth bound",
+        Some(model::run),
+    ),
+    (
+        "pool",
+        "allocation time and reserved memory against the system allocator",
+        Some(pool::run),
+    ),
+    (
+        "cache",
+        "hit ratio on the Mooncake trace against LRU and Belady",
+        Some(cache::run),
+    ),
+    (
+        "compress",
+        "KV compression ratio, error and codec GB/s",
+        Some(compress::run),
+    ),
+    (
+        "swap",
+        "long-context decode throughput with KV swapped to SSD",
+        Some(swap::run),
+    ),
+    (
+        "tier",
+        "tokens/s with weights streamed under RAM budgets",
+        Some(tier::run),
+    ),
+    (
+        "gc",
+        "peak reserved memory against the offline optimum",
+        Some(gc::run),
+    ),
     ("metrics", "cost per recorded event", Some(metrics::run)),
 ];
 
@@ -94,9 +122,9 @@ fn main() -> Result<()> {
             bail!("the {name} benchmark is not implemented yet");
         };
         let report = run(&opts).with_context(|| format!("bench {name} failed"))?;
-        let path = report
-            .write_json(&opts.out_dir)
-            .with_context(|| format!("writing the {name} report under {}", opts.out_dir.display()))?;
+        let path = report.write_json(&opts.out_dir).with_context(|| {
+            format!("writing the {name} report under {}", opts.out_dir.display())
+        })?;
         print!("{}", report.table());
         println!("report: {}\n", path.display());
         if !report.all_pass() {
@@ -112,7 +140,11 @@ fn main() -> Result<()> {
 fn print_help() {
     println!("qvl-bench <phase>|all [--quick] [--out DIR]\n\nPhases:");
     for (name, what, run) in PHASES {
-        let state = if run.is_some() { "" } else { " (not implemented yet)" };
+        let state = if run.is_some() {
+            ""
+        } else {
+            " (not implemented yet)"
+        };
         println!("  {name:<9} {what}{state}");
     }
 }
