@@ -40,8 +40,11 @@ pub struct TieredLayers {
     /// Layers built over kept RAM copies, reused while the copy stays
     /// kept (keyed by the copy's address); dropped once it is demoted so
     /// the cache never holds bytes the tier has let go.
-    built: Mutex<Vec<Option<(usize, Arc<DecoderLayer>)>>>,
+    built: Mutex<Vec<Option<BuiltLayer>>>,
 }
+
+/// A layer built over a kept copy, with the copy's address.
+type BuiltLayer = (usize, Arc<DecoderLayer>);
 
 /// Tensor images start on this boundary inside a layer image.
 const TENSOR_ALIGN: usize = 64;

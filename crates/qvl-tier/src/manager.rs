@@ -733,10 +733,7 @@ fn io_loop(sh: &Shared, jobs: &Receiver<Job>) {
             Job::Promote(id) => (id, true, 0),
             Job::Prefetch(id, len) => (id, false, len),
         };
-        let extent = match sh.lock().objects.get(&id) {
-            Some(o) => Some(o.extent),
-            None => None,
-        };
+        let extent = sh.lock().objects.get(&id).map(|o| o.extent);
         let read = extent.map(|e| sh.read(id, e));
         // The buffer is charged now (or the object is gone).
         sh.ram.inflight.fetch_sub(inflight, Ordering::AcqRel);
