@@ -598,18 +598,7 @@ impl KvBlockStorage for CodecKvStorage {
     ) -> Result<()> {
         let l = self.layout;
         let w = l.token_width();
-        let tokens = keys.len() / w;
-        if keys.len() != values.len()
-            || keys.len() % w != 0
-            || slot + tokens > l.block_tokens
-            || layer >= l.layers
-        {
-            return Err(kv_err(format!(
-                "write of {} keys at layer {layer} slot {slot} does not fit a block of {} tokens x {w}",
-                keys.len(),
-                l.block_tokens
-            )));
-        }
+        let tokens = l.check_write(layer, slot, keys, values)?;
         let block = self.slot_mut(id)?;
         let position = block.position;
         match &mut block.layers[layer] {

@@ -648,18 +648,7 @@ impl KvBlockStorage for SwappingKvStorage {
     ) -> Result<()> {
         let l = self.layout;
         let w = l.token_width();
-        let tokens = keys.len() / w;
-        if keys.len() != values.len()
-            || keys.len() % w != 0
-            || slot + tokens > l.block_tokens
-            || layer >= l.layers
-        {
-            return Err(ModelError::KvCache(format!(
-                "write of {} keys at layer {layer} slot {slot} does not fit a block of {} tokens x {w}",
-                keys.len(),
-                l.block_tokens
-            )));
-        }
+        l.check_write(layer, slot, keys, values)?;
         let index = id.0 as usize;
         if self.slot(id)?.data.is_none() {
             self.load_back(index)?;
