@@ -908,68 +908,8 @@ fn host_stats(cache: &PagedKvCache, layout: KvLayout) -> KvCodecStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{generate, tiny_decoder};
     use qvl_compress::ExactF32;
-    use qvl_core::DType;
-    use qvl_model::config::{DecoderConfig, RopeConfig, RopeKind};
-    use qvl_model::ops::{argmax as top, Activation};
-    use qvl_model::random::{decoder_tensor_shapes, random_weights};
-    use qvl_model::{DecoderTensorNames, TextDecoder};
-
-    fn tiny_decoder() -> TextDecoder {
-        let cfg = DecoderConfig {
-            vocab_size: 300,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_layers: 3,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            rms_norm_eps: 1e-6,
-            rope: RopeConfig {
-                theta: 10_000.0,
-                kind: RopeKind::Plain,
-            },
-            qk_norm: true,
-            attention_bias: false,
-            tie_word_embeddings: true,
-            hidden_act: Activation::Silu,
-        };
-        let names = DecoderTensorNames::qwen3_vl();
-        let weights = random_weights(&decoder_tensor_shapes(&cfg, &names), DType::F32, 11).unwrap();
-        TextDecoder::load(cfg, &weights, &names).unwrap()
-    }
-
-    /// Prefills `prompt` in chunks, then decodes greedily `steps` tokens;
-    /// every logits row produced.
-    fn generate(
-        dec: &TextDecoder,
-        cache: &mut PagedKvCache,
-        prompt: &[u32],
-        chunk: usize,
-        steps: usize,
-    ) -> Vec<Vec<f32>> {
-        let mut out = Vec::new();
-        let mut pos = 0i64;
-        for part in prompt.chunks(chunk) {
-            let positions: Vec<[i64; 3]> = (0..part.len() as i64).map(|i| [pos + i; 3]).collect();
-            let hidden = dec.embed(part).unwrap();
-            out.push(
-                dec.forward(cache, hidden, part, &positions, None, Logits::Last)
-                    .unwrap(),
-            );
-            pos += part.len() as i64;
-        }
-        for _ in 0..steps {
-            let next = top(out.last().unwrap()) as u32;
-            let hidden = dec.embed(&[next]).unwrap();
-            out.push(
-                dec.forward(cache, hidden, &[next], &[[pos; 3]], None, Logits::Last)
-                    .unwrap(),
-            );
-            pos += 1;
-        }
-        out
-    }
 
     fn prompt() -> Vec<u32> {
         (0..96u32).map(|i| (i * 37 + 5) % 300).collect()

@@ -10,6 +10,8 @@ pub mod config;
 mod error;
 pub mod kv_codec;
 pub mod kv_swap;
+#[cfg(test)]
+mod test_support;
 pub mod weights_tier;
 
 pub use config::{Config, ConfigSources, LoadedConfig};
