@@ -15,13 +15,8 @@
 //! over that context, alternating one step on each cache, so that load on
 //! the machine hits both runs alike; both must produce the same tokens.
 
-#[allow(dead_code, clippy::all, missing_docs)]
-#[path = "../../crates/qvl-runtime/src/kv_swap.rs"]
-mod kv_swap;
-
 use crate::BenchOptions;
 use anyhow::{bail, Context, Result};
-use kv_swap::SwappingKvStorage;
 use qvl_core::bench::{BenchReport, Criterion};
 use qvl_core::DType;
 use qvl_model::config::{DecoderConfig, RopeConfig, RopeKind};
@@ -29,6 +24,7 @@ use qvl_model::kv::{HostKvStorage, KvLayout, PagedKvCache};
 use qvl_model::ops::{argmax, Activation};
 use qvl_model::random::{decoder_tensor_shapes, random_weights};
 use qvl_model::{DecoderTensorNames, Logits, TextDecoder};
+use qvl_runtime::kv_swap::SwappingKvStorage;
 use qvl_swap::probe::sequential_read_bandwidth;
 use qvl_swap::{EvictionPolicyKind, IoMode, SwapConfig};
 use std::time::Instant;
