@@ -15,12 +15,13 @@ use crate::gguf::{self, GgufError, GgufFile, LlamaHyperparams};
 use crate::kv::{PagedKvCache, DEFAULT_BLOCK_TOKENS};
 use crate::ops::{argmax, Activation};
 use crate::tensor::{Bytes, StoredTensor};
-use crate::text::{DecoderTensorNames, Logits, TextDecoder};
+use crate::text::{DecoderTensorNames, LayerProvider, Logits, TextDecoder};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use qvl_core::DType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Architectures whose GGUF text decoder maps onto [`DecoderConfig`].
@@ -254,6 +255,15 @@ pub struct Perplexity {
     pub dropped_tokens: usize,
 }
 
+/// Decoder layers served on demand by a [`LayerProvider`] instead of loaded
+/// resident (see [`GgufTextModel::load_with`]).
+pub struct StreamedLayers {
+    /// Gives the decoder each layer's weights on every forward pass.
+    pub provider: Arc<dyn LayerProvider>,
+    /// Bytes of the layers' matrices (what one decode step reads).
+    pub weight_bytes: usize,
+}
+
 /// A llama-family text model loaded from a GGUF file: tokenizer and decoder.
 pub struct GgufTextModel {
     path: PathBuf,
@@ -268,6 +278,22 @@ impl GgufTextModel {
     /// Loads the tokenizer and the decoder (weights dequantized to f32) of
     /// the GGUF file at `path`.
     pub fn load(path: &Path) -> Result<GgufTextModel> {
+        Self::load_with(path, |_, _, _| Ok(None))
+    }
+
+    /// [`GgufTextModel::load`], with the decoder layers served by the
+    /// provider that `layers` builds from the weights (streamed under a RAM
+    /// budget, say), or loaded resident when it returns None. The embedding,
+    /// final norm and lm head stay resident either way; `weight_bytes`
+    /// counts only what stays resident.
+    pub fn load_with(
+        path: &Path,
+        layers: impl FnOnce(
+            &DecoderConfig,
+            &GgufWeights,
+            &DecoderTensorNames,
+        ) -> Result<Option<StreamedLayers>>,
+    ) -> Result<GgufTextModel> {
         let weights = GgufWeights::open(path)?;
         let tokenizer = Tokenizer::from_gguf(weights.file().header()).map_err(|source| {
             ModelError::Tokenizer {
@@ -276,17 +302,22 @@ impl GgufTextModel {
             }
         })?;
         let config = weights.decoder_config()?;
-        let decoder = TextDecoder::load(
-            config,
-            &weights,
-            &DecoderTensorNames::hugging_face("model", "lm_head.weight"),
-        )?;
+        let names = DecoderTensorNames::hugging_face("model", "lm_head.weight");
+        let streamed = layers(&config, &weights, &names)?;
+        // Layers copied into a provider are not resident: count from here.
+        let served_before = weights.served_bytes();
+        let decoder = match streamed {
+            None => TextDecoder::load(config, &weights, &names)?,
+            Some(s) => {
+                TextDecoder::load_streamed(config, &weights, &names, s.provider, s.weight_bytes)?
+            }
+        };
         Ok(GgufTextModel {
             path: path.to_path_buf(),
             hparams: weights.hyperparams().clone(),
             tokenizer,
             decoder,
-            weight_bytes: weights.served_bytes(),
+            weight_bytes: weights.served_bytes() - served_before,
             file_bytes: weights.file().bytes().len(),
         })
     }
@@ -311,7 +342,8 @@ impl GgufTextModel {
         &self.decoder
     }
 
-    /// Bytes of the resident (dequantized f32) weights.
+    /// Bytes of the resident (dequantized f32) weights; with streamed
+    /// layers, of the embedding, final norm and lm head only.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }
