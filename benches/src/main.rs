@@ -11,6 +11,7 @@ mod gc;
 mod metrics;
 mod model;
 mod pool;
+mod report;
 mod swap;
 mod tier;
 
@@ -112,27 +113,79 @@ fn main() -> Result<()> {
             ),
         }
     };
+    let run_all = phase == "all";
     let mut failed = Vec::new();
+    let mut errors = Vec::new();
+    let mut entries = Vec::new();
     for (name, _, run) in selected {
-        let Some(run) = run else {
-            if phase == "all" {
-                eprintln!("bench {name}: not implemented yet, skipped");
-                continue;
-            }
-            bail!("the {name} benchmark is not implemented yet");
+        let mut entry = report::PhaseEntry {
+            phase: name.to_string(),
+            plan_criterion: report::plan_criterion(name).to_string(),
+            status: "not implemented".to_string(),
+            error: None,
+            seconds: 0.0,
+            report: None,
         };
-        let report = run(&opts).with_context(|| format!("bench {name} failed"))?;
-        let path = report.write_json(&opts.out_dir).with_context(|| {
-            format!("writing the {name} report under {}", opts.out_dir.display())
-        })?;
-        print!("{}", report.table());
-        println!("report: {}\n", path.display());
-        if !report.all_pass() {
-            failed.push(*name);
+        let Some(run) = run else {
+            if !run_all {
+                bail!("the {name} benchmark is not implemented yet");
+            }
+            eprintln!("bench {name}: not implemented yet, skipped");
+            entries.push(entry);
+            continue;
+        };
+        let start = std::time::Instant::now();
+        let outcome = run(&opts).with_context(|| format!("bench {name} failed"));
+        entry.seconds = start.elapsed().as_secs_f64();
+        match outcome {
+            Ok(report) => {
+                let path = report.write_json(&opts.out_dir).with_context(|| {
+                    format!("writing the {name} report under {}", opts.out_dir.display())
+                })?;
+                print!("{}", report.table());
+                println!("report: {}\n", path.display());
+                if !report.all_pass() {
+                    failed.push(*name);
+                }
+                entry.status = "ran".to_string();
+                entry.report = Some(report);
+            }
+            // One phase's failure must not hide the others' results in
+            // `all`; it still fails the command at the end.
+            Err(e) if run_all => {
+                eprintln!("bench {name}: {e:#}\n");
+                entry.status = "failed".to_string();
+                entry.error = Some(format!("{e:#}"));
+                errors.push(*name);
+            }
+            Err(e) => return Err(e),
         }
+        entries.push(entry);
+    }
+    if run_all {
+        let generated = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut combined = report::CombinedReport {
+            generated_utc: report::iso_utc(generated),
+            quick,
+            machine: qvl_core::bench::MachineInfo::detect(),
+            phases: entries,
+            charts: Vec::new(),
+        };
+        let md = report::write(&mut combined, &opts.out_dir)?;
+        let (pass, total) = combined.pass_count();
+        println!(
+            "phase report: {} ({pass} of {total} criteria pass; report.json and {} charts beside it)",
+            md.display(),
+            combined.charts.len()
+        );
     }
     if !failed.is_empty() {
         eprintln!("criteria not met in: {}", failed.join(", "));
+    }
+    if !errors.is_empty() {
+        bail!("benchmarks that failed to run: {}", errors.join(", "));
     }
     Ok(())
 }
