@@ -8,6 +8,7 @@
 
 pub mod config;
 mod error;
+pub mod gen_model;
 pub mod kv_codec;
 pub mod kv_swap;
 #[cfg(test)]

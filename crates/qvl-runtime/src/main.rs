@@ -82,6 +82,42 @@ enum Command {
         /// Hold the KV cache encoded: none, int8 or int4 (KIVI; GGUF models).
         #[arg(long, default_value = "none")]
         kv_codec: qvl_runtime::kv_codec::KvCodecKind,
+        /// RAM for the decoder's layer weights ("64MiB"): layers stream from
+        /// a spill file on SSD through qvl-tier ([tiering]; GGUF models).
+        #[arg(long)]
+        ram_budget: Option<qvl_core::ByteSize>,
+        /// GPU memory for the layer weights; this build has no GPU tier, so
+        /// it is reported unavailable and ignored.
+        #[arg(long)]
+        gpu_budget: Option<qvl_core::ByteSize>,
+    },
+    /// Write a generated llama GGUF model (random weights, a small byte-level
+    /// tokenizer) of any size, to run models larger than the ones at hand.
+    GenModel {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Decoder layers.
+        #[arg(long, default_value_t = 16)]
+        layers: usize,
+        /// Hidden size.
+        #[arg(long, default_value_t = 1024)]
+        hidden: usize,
+        /// MLP width.
+        #[arg(long, default_value_t = 4096)]
+        intermediate: usize,
+        /// Query heads.
+        #[arg(long, default_value_t = 16)]
+        heads: usize,
+        /// Key/value heads.
+        #[arg(long, default_value_t = 4)]
+        kv_heads: usize,
+        /// Stored type of the matrices: f32, f16 or bf16.
+        #[arg(long, default_value = "f16", value_parser = qvl_runtime::gen_model::parse_dtype)]
+        dtype: qvl_core::DType,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
     },
     /// `qvl run --dashboard`, then keep serving the dashboard until the process is ended.
     Dashboard {
@@ -214,6 +250,8 @@ fn main() -> ExitCode {
             config,
             dashboard,
             kv_codec,
+            ram_budget,
+            gpu_budget,
         } => commands::run::run(commands::run::RunArgs {
             model,
             prompt,
@@ -223,7 +261,37 @@ fn main() -> ExitCode {
             dashboard,
             keep_serving: false,
             kv_codec,
+            weight_budgets: qvl_runtime::weights_tier::WeightBudgets {
+                ram: ram_budget,
+                gpu: gpu_budget,
+            },
         }),
+        Command::GenModel {
+            out,
+            layers,
+            hidden,
+            intermediate,
+            heads,
+            kv_heads,
+            dtype,
+            seed,
+        } => qvl_runtime::gen_model::write_llama_gguf(
+            &out,
+            &qvl_runtime::gen_model::GenModelConfig {
+                layers,
+                hidden,
+                intermediate,
+                heads,
+                kv_heads,
+                dtype,
+                seed,
+            },
+        )
+        .map(|info| {
+            println!("{}", info.summary(&out));
+            ExitCode::SUCCESS
+        })
+        .map_err(anyhow::Error::from),
         Command::Dashboard {
             model,
             prompt,
@@ -238,6 +306,7 @@ fn main() -> ExitCode {
             dashboard: true,
             keep_serving: true,
             kv_codec: qvl_runtime::kv_codec::KvCodecKind::None,
+            weight_budgets: Default::default(),
         }),
         Command::Perplexity {
             model,

@@ -10,13 +10,18 @@
 //! are rebuilt over the tier's bytes without copying the matrices, so a
 //! streamed forward pass computes exactly what the resident one does.
 
-use qvl_core::{DType, TensorKind};
+use crate::config::{self, Config, MigrationPolicy, TieringConfig};
+use qvl_core::{ByteSize, DType, MetricsRecorder, TensorKind, Tier};
 use qvl_model::checkpoint::WeightSource;
+use qvl_model::llama::{GgufTextModel, StreamedLayers};
 use qvl_model::tensor::{ByteOwner, Bytes, StoredTensor};
 use qvl_model::text::{DecoderLayer, DecoderTensorNames, LayerProvider, TextDecoder};
 use qvl_model::{DecoderConfig, ModelError};
-use qvl_tier::{ObjectId, Resident, TierConfig, TierError, TierManager, TierStats};
+use qvl_tier::{
+    ObjectId, PlacementPolicy, Resident, TierConfig, TierError, TierManager, TierStats,
+};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Where a tensor sits inside its layer's image.
@@ -57,7 +62,19 @@ impl TieredLayers {
         names: &DecoderTensorNames,
         tier: TierConfig,
     ) -> qvl_model::Result<TieredLayers> {
-        let manager = TierManager::new(tier).map_err(tier_error)?;
+        Self::build_recorded(config, src, names, tier, None)
+    }
+
+    /// [`TieredLayers::build`] with a manager that reports migrations,
+    /// lookups and SSD traffic to `recorder`.
+    pub fn build_recorded(
+        config: &DecoderConfig,
+        src: &dyn WeightSource,
+        names: &DecoderTensorNames,
+        tier: TierConfig,
+        recorder: Option<Arc<dyn MetricsRecorder>>,
+    ) -> qvl_model::Result<TieredLayers> {
+        let manager = TierManager::with_recorder(tier, recorder).map_err(tier_error)?;
         let mut order = Vec::with_capacity(config.num_layers);
         let mut tables = Vec::with_capacity(config.num_layers);
         let mut weight_bytes = 0;
@@ -141,6 +158,15 @@ impl TieredLayers {
     /// Bytes of the layer images (matrices, biases, norms, padding).
     pub fn image_bytes(&self) -> u64 {
         self.manager.stats().object_bytes
+    }
+
+    /// Bytes of the largest layer image (the least a RAM budget must hold).
+    pub fn largest_image_bytes(&self) -> u64 {
+        self.tables
+            .iter()
+            .filter_map(|t| t.iter().map(|e| e.offset + e.len).max())
+            .max()
+            .unwrap_or(0) as u64
     }
 
     /// Number of layers.
@@ -248,6 +274,253 @@ impl WeightSource for LayerImage {
     }
 }
 
+/// Budgets for the decoder's layer weights, as `qvl run --ram-budget SIZE
+/// --gpu-budget SIZE` gives them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeightBudgets {
+    /// RAM for the layer weights: with it, layers stream from the SSD tier.
+    pub ram: Option<ByteSize>,
+    /// GPU memory for the layer weights. This build has no GPU tier: the
+    /// budget is reported unavailable and ignored.
+    pub gpu: Option<ByteSize>,
+}
+
+/// Layers read ahead under a budget: two keep the read queue busy while
+/// the reader wakes up (what the tier benchmark measured best).
+pub const RUN_PREFETCH_DEPTH: usize = 2;
+
+/// The `[tiering]` section as a [`TierConfig`]: `migration_threshold` and
+/// `migration_policy` map one to one, the rest keeps the manager's defaults
+/// (prefetch depth [`RUN_PREFETCH_DEPTH`]). None when `enabled` is false:
+/// the off switch, everything stays where it was loaded.
+pub fn tier_config(tiering: &TieringConfig) -> Option<TierConfig> {
+    if !tiering.enabled {
+        return None;
+    }
+    Some(TierConfig {
+        migration_threshold: tiering.migration_threshold,
+        policy: match tiering.migration_policy {
+            MigrationPolicy::AccessFrequency => PlacementPolicy::AccessFrequency,
+            MigrationPolicy::Recency => PlacementPolicy::Recency,
+        },
+        prefetch_depth: RUN_PREFETCH_DEPTH,
+        ..TierConfig::default()
+    })
+}
+
+/// Whether this build has a GPU tier (it has not: qvl-tier is built
+/// without CUDA).
+pub fn gpu_tier_available() -> bool {
+    qvl_tier::gpu_tier_available()
+}
+
+/// How `qvl run` placed the decoder's weights, for its report.
+pub struct WeightTiering {
+    budgets: WeightBudgets,
+    layers: Option<Arc<TieredLayers>>,
+    notes: Vec<String>,
+}
+
+impl WeightTiering {
+    /// Loads the GGUF model at `path` with its layers streamed under
+    /// `budgets.ram` through a tier manager configured from `config`'s
+    /// `[tiering]` section, its spill file in the swap directory; without a
+    /// RAM budget, or with `[tiering] enabled = false`, the layers load
+    /// resident. A GPU budget is noted as unavailable and ignored. A RAM
+    /// budget below one layer is an error (it could not be kept).
+    pub fn load_gguf(
+        path: &Path,
+        config: &Config,
+        budgets: WeightBudgets,
+        recorder: Option<Arc<dyn MetricsRecorder>>,
+    ) -> qvl_model::Result<(GgufTextModel, WeightTiering)> {
+        let mut notes = Vec::new();
+        if let Some(gpu) = budgets.gpu.filter(|_| !gpu_tier_available()) {
+            notes.push(format!(
+                "--gpu-budget {gpu}: the GPU tier is unavailable (this build has no CUDA \
+                 support); the GPU budget is ignored and the weights stay in RAM{}",
+                if budgets.ram.is_some() {
+                    " under the RAM budget"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let tier = match (budgets.ram, tier_config(&config.tiering)) {
+            (Some(ram), Some(tier)) => Some(TierConfig {
+                cpu_ram: ram,
+                gpu_hbm: budgets.gpu.unwrap_or(ByteSize(0)),
+                spill_dir: Some(spill_directory(config)?),
+                ..tier
+            }),
+            (Some(ram), None) => {
+                notes.push(format!(
+                    "--ram-budget {ram} is ignored: [tiering] enabled = false keeps every \
+                     weight resident"
+                ));
+                None
+            }
+            (None, _) => None,
+        };
+        let Some(tier) = tier else {
+            let model = GgufTextModel::load(path)?;
+            return Ok((
+                model,
+                WeightTiering {
+                    budgets,
+                    layers: None,
+                    notes,
+                },
+            ));
+        };
+        let ram = tier.cpu_ram;
+        let mut built = None;
+        let model = GgufTextModel::load_with(path, |cfg, weights, names| {
+            let layers = Arc::new(TieredLayers::build_recorded(
+                cfg, weights, names, tier, recorder,
+            )?);
+            let need = layers.largest_image_bytes();
+            if ram.bytes() < need {
+                return Err(ModelError::InvalidInput(format!(
+                    "--ram-budget {ram} is smaller than one decoder layer of {} ({}): the \
+                     budget must hold the layer in use; give at least {} (that layer and \
+                     {RUN_PREFETCH_DEPTH} read ahead)",
+                    path.display(),
+                    ByteSize(need),
+                    ByteSize(need * (1 + RUN_PREFETCH_DEPTH as u64)),
+                )));
+            }
+            let weight_bytes = layers.weight_bytes();
+            built = Some(layers.clone());
+            Ok(Some(StreamedLayers {
+                provider: layers,
+                weight_bytes,
+            }))
+        })?;
+        Ok((
+            model,
+            WeightTiering {
+                budgets,
+                layers: built,
+                notes,
+            },
+        ))
+    }
+
+    /// Refuses budgets for a Qwen3-VL checkpoint (its layers are not
+    /// streamed yet) with a message that says so; Ok without budgets.
+    pub fn check_checkpoint(budgets: WeightBudgets, dir: &Path) -> qvl_model::Result<()> {
+        if budgets.ram.is_some() || budgets.gpu.is_some() {
+            return Err(ModelError::InvalidInput(format!(
+                "--ram-budget and --gpu-budget apply to GGUF models; {} is a Qwen3-VL \
+                 checkpoint, whose layers are not streamed yet",
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Messages about budgets that could not be applied.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The streamed layers, when a RAM budget applied.
+    pub fn layers(&self) -> Option<&Arc<TieredLayers>> {
+        self.layers.as_ref()
+    }
+
+    /// The budgets asked for.
+    pub fn budgets(&self) -> WeightBudgets {
+        self.budgets
+    }
+
+    /// What the run's weight report says about `model`'s weights.
+    pub fn weight_note(&self, model: &GgufTextModel) -> String {
+        let file = format!(
+            "a {:.1} MiB {} file",
+            mib(model.file_bytes() as u64),
+            model.hyperparams().architecture
+        );
+        match &self.layers {
+            None => format!("dequantized to f32 from {file}"),
+            Some(l) => format!(
+                "embedding, norm and lm head resident (f32, from {file}); {} layers \
+                 ({:.1} MiB) streamed under the RAM budget",
+                l.len(),
+                mib(l.image_bytes())
+            ),
+        }
+    }
+
+    /// Report lines: used / budget / peak per tier, migrations, hits per
+    /// tier and the SSD read rate. Empty when the layers are resident.
+    pub fn report(&self) -> Vec<String> {
+        let Some(layers) = &self.layers else {
+            return Vec::new();
+        };
+        layers.manager().wait_idle();
+        let s = layers.stats();
+        let mut lines = Vec::new();
+        for t in &s.tiers {
+            let line =
+                match t.tier {
+                    Tier::Gpu if !t.available => match self.budgets.gpu {
+                        Some(b) => format!("GPU  unavailable (budget {b} ignored: no CUDA)"),
+                        None => "GPU  unavailable (no CUDA)".to_string(),
+                    },
+                    Tier::Ssd => format!(
+                        "SSD  {:.1} MiB spill file, {} layers",
+                        mib(t.used),
+                        t.objects
+                    ),
+                    _ => format!(
+                    "{:<4} {:.1} / {:.1} MiB used / budget (peak {:.1} MiB), {} of {} layers kept",
+                    if t.tier == Tier::HostRam { "RAM" } else { "GPU" },
+                    mib(t.used),
+                    mib(t.budget),
+                    mib(t.peak),
+                    t.objects,
+                    layers.len()
+                ),
+                };
+            lines.push(line);
+        }
+        lines.push(format!(
+            "migrations {} up (SSD -> RAM), {} down; layer reads: {} kept in RAM, {} prefetched \
+             ({} waited), {} on demand from SSD",
+            s.promotions, s.demotions, s.ram_hits, s.prefetch_hits, s.prefetch_late, s.ssd_hits
+        ));
+        lines.push(format!(
+            "SSD reads {:.1} MiB at {:.0} MB/s while reading, {:.0} MB/s over {:.2} s",
+            mib(s.ssd_read_bytes),
+            s.ssd_read_bandwidth() / 1e6,
+            s.ssd_read_bytes as f64 / s.elapsed_secs.max(1e-9) / 1e6,
+            s.elapsed_secs
+        ));
+        lines
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The private directory for spill files: `[swapping] swap_directory`, else
+/// the default swap directory.
+fn spill_directory(config: &Config) -> qvl_model::Result<PathBuf> {
+    let dir = config
+        .swapping
+        .swap_directory
+        .clone()
+        .unwrap_or_else(config::default_swap_directory);
+    config::ensure_private_dir(&dir).map_err(|e| match e {
+        crate::RuntimeError::Io { context, source } => ModelError::io(context, source),
+        other => ModelError::InvalidInput(format!("spill directory: {other}")),
+    })?;
+    Ok(dir)
+}
+
 /// A tier error as a model error, keeping the I/O cause.
 fn tier_error(e: TierError) -> ModelError {
     match e {
@@ -261,7 +534,7 @@ fn tier_error(e: TierError) -> ModelError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qvl_core::ByteSize;
+    use crate::gen_model::{write_llama_gguf, GenModelConfig};
     use qvl_model::ops::Activation;
     use qvl_model::random::{decoder_tensor_shapes, random_weights};
     use qvl_model::text::Logits;
@@ -360,5 +633,128 @@ mod tests {
         );
         assert!(s.tiers[1].peak <= budget, "{}", s.summary());
         assert_eq!(s.tiers[1].objects, 1, "{}", s.summary());
+    }
+
+    #[test]
+    fn tiering_section_maps_onto_tier_config() {
+        let section = TieringConfig {
+            enabled: true,
+            migration_threshold: 0.55,
+            migration_policy: MigrationPolicy::Recency,
+        };
+        let t = tier_config(&section).unwrap();
+        assert_eq!(t.migration_threshold, 0.55);
+        assert_eq!(t.policy, PlacementPolicy::Recency);
+        assert_eq!(t.prefetch_depth, RUN_PREFETCH_DEPTH);
+        t.validate().unwrap();
+        let freq = TieringConfig {
+            migration_policy: MigrationPolicy::AccessFrequency,
+            ..section.clone()
+        };
+        assert_eq!(
+            tier_config(&freq).unwrap().policy,
+            PlacementPolicy::AccessFrequency
+        );
+        // The defaults of both sides agree.
+        let d = tier_config(&TieringConfig::default()).unwrap();
+        assert_eq!(
+            d.migration_threshold,
+            TierConfig::default().migration_threshold
+        );
+        let off = TieringConfig {
+            enabled: false,
+            ..section
+        };
+        assert_eq!(tier_config(&off), None);
+    }
+
+    /// A config whose spill files go to `dir`.
+    fn config_spilling_to(dir: &Path) -> Config {
+        let mut c = Config::default();
+        c.swapping.swap_directory = Some(dir.to_path_buf());
+        c
+    }
+
+    fn greedy(model: &GgufTextModel, steps: usize) -> Vec<u32> {
+        let ids = model.prompt_ids("the quick brown fox").unwrap();
+        let mut s = model.new_session();
+        model
+            .generate(&mut s, &ids, steps, false, &mut |_| {})
+            .unwrap()
+            .tokens
+    }
+
+    #[test]
+    fn gguf_under_a_ram_budget_generates_the_resident_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gen.gguf");
+        let gen = GenModelConfig {
+            layers: 6,
+            hidden: 128,
+            intermediate: 256,
+            heads: 4,
+            kv_heads: 2,
+            dtype: DType::F16,
+            seed: 11,
+        };
+        write_llama_gguf(&path, &gen).unwrap();
+        let spill = dir.path().join("spill");
+        let config = config_spilling_to(&spill);
+        let (resident, plain) =
+            WeightTiering::load_gguf(&path, &config, WeightBudgets::default(), None).unwrap();
+        assert!(plain.layers().is_none() && plain.report().is_empty());
+        assert!(!resident.decoder().is_streamed());
+        let want = greedy(&resident, 10);
+
+        // Budgets are fractions of the layer images: measure them first.
+        let (_, all) = WeightTiering::load_gguf(
+            &path,
+            &config,
+            WeightBudgets {
+                ram: Some(ByteSize::gib(1)),
+                gpu: None,
+            },
+            None,
+        )
+        .unwrap();
+        let budget = all.layers().unwrap().image_bytes() / 4;
+        drop(all);
+        // A quarter of them, with a GPU budget that is ignored.
+        let budgets = WeightBudgets {
+            ram: Some(ByteSize(budget)),
+            gpu: Some(ByteSize::gib(1)),
+        };
+        let (streamed, tiering) = WeightTiering::load_gguf(&path, &config, budgets, None).unwrap();
+        assert_eq!(greedy(&streamed, 10), want);
+        assert!(tiering.notes()[0].contains("GPU tier is unavailable"));
+        let s = tiering.layers().unwrap().stats();
+        assert!(s.ssd_read_bytes > 0, "{}", s.summary());
+        assert!(s.tiers[1].peak <= budget, "{}", s.summary());
+        let report = tiering.report().join("\n");
+        assert!(
+            report.contains("RAM") && report.contains("SSD reads"),
+            "{report}"
+        );
+        // Resident: embedding, lm head and final norm, not the layers.
+        let vocab = streamed.decoder().config().vocab_size;
+        assert_eq!(streamed.weight_bytes(), (2 * vocab * 128 + 128) * 4);
+
+        // Below one layer: a clear error, not a run over budget.
+        let tiny = WeightBudgets {
+            ram: Some(ByteSize::kib(64)),
+            gpu: None,
+        };
+        let err = WeightTiering::load_gguf(&path, &config, tiny, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("smaller than one decoder layer"), "{err}");
+
+        // The off switch: [tiering] enabled = false keeps the layers resident.
+        let mut off = config.clone();
+        off.tiering.enabled = false;
+        let (m, t) = WeightTiering::load_gguf(&path, &off, budgets, None).unwrap();
+        assert!(!m.decoder().is_streamed());
+        assert!(t.notes().iter().any(|n| n.contains("enabled = false")));
     }
 }

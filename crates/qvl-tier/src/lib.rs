@@ -34,6 +34,12 @@ pub use manager::{ObjectId, Resident, TierManager};
 pub use spill::{Extent, SpillFile};
 pub use stats::{TierStats, TierUsage};
 
+/// Whether this build has a GPU tier: false, qvl-tier is built without
+/// CUDA. A GPU budget is accepted, reported unavailable and ignored.
+pub fn gpu_tier_available() -> bool {
+    false
+}
+
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -248,7 +248,7 @@ impl TierManager {
     /// Whether a GPU tier is usable: false in this build (no CUDA); a GPU
     /// budget is accepted and reported as unavailable.
     pub fn gpu_available(&self) -> bool {
-        false
+        crate::gpu_tier_available()
     }
 
     /// Stores `data` as a new object on the SSD tier. Placement may later

@@ -10,6 +10,7 @@ use qvl_model::text::Logits;
 use qvl_model::tokenizer::{ChatMessage, Tokenizer};
 use qvl_model::{ImageInput, Qwen3VlModel};
 use qvl_runtime::config::{self, ConfigSources};
+use qvl_runtime::weights_tier::WeightTiering;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ pub struct RunArgs {
     pub keep_serving: bool,
     /// How the KV cache is held (GGUF models).
     pub kv_codec: qvl_runtime::kv_codec::KvCodecKind,
+    /// RAM / GPU budgets of the layer weights (GGUF models).
+    pub weight_budgets: qvl_runtime::weights_tier::WeightBudgets,
 }
 
 /// What was measured during one `qvl run`, for the report.
@@ -52,6 +55,8 @@ struct RunStats {
     weight_bytes: usize,
     weight_note: String,
     load_secs: f64,
+    /// Lines about the streamed weights (per tier, migrations, reads).
+    tier_report: Vec<String>,
 }
 
 /// Streams a reply to `--prompt` on stdout, then a memory report on stderr.
@@ -91,6 +96,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 model_path.display()
             );
         }
+        WeightTiering::check_checkpoint(args.weight_budgets, &model_path)?;
         run_qwen3vl(&model_path, prompt, &args.images, args.max_tokens)?
     } else {
         if !args.images.is_empty() {
@@ -99,8 +105,18 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 model_path.display()
             );
         }
-        run_gguf(
+        let t = Instant::now();
+        let (model, tiering) = WeightTiering::load_gguf(
             &model_path,
+            &loaded.config,
+            args.weight_budgets,
+            Some(collector.clone()),
+        )
+        .with_context(|| format!("loading {}", model_path.display()))?;
+        run_gguf(
+            model,
+            t.elapsed().as_secs_f64(),
+            &tiering,
             prompt,
             args.max_tokens,
             args.kv_codec,
@@ -145,15 +161,17 @@ fn default_model() -> Result<PathBuf> {
 }
 
 fn run_gguf(
-    path: &Path,
+    model: GgufTextModel,
+    load_secs: f64,
+    tiering: &WeightTiering,
     prompt: &str,
     max_tokens: usize,
     kv_codec: qvl_runtime::kv_codec::KvCodecKind,
     recorder: &dyn MetricsRecorder,
 ) -> Result<RunStats> {
-    let t = Instant::now();
-    let model = GgufTextModel::load(path).with_context(|| format!("loading {}", path.display()))?;
-    let load_secs = t.elapsed().as_secs_f64();
+    for note in tiering.notes() {
+        eprintln!("note: {note}");
+    }
     recorder.record(&MetricEvent::Memory {
         tier: Tier::HostRam,
         allocated: model.weight_bytes() as u64,
@@ -200,12 +218,9 @@ fn run_gguf(
         kv_bytes: session.cache.used_bytes(),
         kv_tokens: session.len(),
         weight_bytes: model.weight_bytes(),
-        weight_note: format!(
-            "dequantized to f32 from a {:.1} MiB {} file",
-            mib(model.file_bytes()),
-            model.hyperparams().architecture
-        ),
+        weight_note: tiering.weight_note(&model),
         load_secs,
+        tier_report: tiering.report(),
     })
 }
 
@@ -303,6 +318,7 @@ fn run_qwen3vl(
         weight_bytes: safetensors_bytes(dir),
         weight_note: "safetensors, memory-mapped in their stored dtype".to_string(),
         load_secs,
+        tier_report: Vec::new(),
     })
 }
 
@@ -364,6 +380,9 @@ fn print_report(s: &RunStats) {
         s.decode_steps,
         s.decode_secs
     );
+    for line in &s.tier_report {
+        eprintln!("weights tier    {line}");
+    }
 }
 
 /// Prints the perplexity of the text in `text_file` over one window.
