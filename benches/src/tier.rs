@@ -4,18 +4,23 @@
 //! first layers that fit resident, the rest read on demand with no
 //! prefetch), and against the SSD-bandwidth bound (bytes streamed per token
 //! over the read bandwidth measured in the same run through the same read
-//! path); then a long session of many requests with memory sampled.
+//! path); then a long session of many requests with memory sampled; then
+//! SmolLM2-135M (GGUF, dequantized to f32 layers) under the 64 MiB budget
+//! of `qvl run --ram-budget 64MiB`, when the GGUF is in the models cache.
 
 use crate::BenchOptions;
 use anyhow::{Context, Result};
 use qvl_core::bench::{BenchReport, Criterion};
 use qvl_core::{ByteSize, DType};
 use qvl_model::checkpoint::write_safetensors;
+use qvl_model::fetch::{find_cached, SMOLLM2};
+use qvl_model::llama::{GgufTextModel, StreamedLayers};
 use qvl_model::ops::Activation;
 use qvl_model::random::{decoder_tensor_shapes, random_weights};
 use qvl_model::text::{DecoderTensorNames, Logits, TextDecoder};
 use qvl_model::{DecoderConfig, RopeConfig, RopeKind, SafetensorsFile};
-use qvl_runtime::weights_tier::TieredLayers;
+use qvl_runtime::config::TieringConfig;
+use qvl_runtime::weights_tier::{self, TieredLayers};
 use qvl_tier::TierConfig;
 use serde_json::json;
 use std::path::Path;
@@ -312,6 +317,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         1.0,
     ));
 
+    let smollm2 = match find_cached(&SMOLLM2) {
+        Some(p) => smollm2_rows(&p, &dir, quick, &mut criteria)?,
+        None => json!({
+            "skipped": "SmolLM2-135M-Instruct is not in the models cache; fetch it with `qvl fetch-model smollm2`"
+        }),
+    };
+
     let mut report = BenchReport::new("tier");
     report.criteria = criteria;
     report.details = json!({
@@ -326,6 +338,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         "decode_steps": steps,
         "all_in_ram_tokens_per_s": ram_tps,
         "budgets": rows,
+        "smollm2": smollm2,
         "long_session": {
             "requests": requests,
             "rss_bytes": rss,
@@ -337,4 +350,141 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     drop(run);
     let _ = std::fs::remove_file(&path);
     Ok(report)
+}
+
+/// SmolLM2 with its layers streamed under the `qvl run --ram-budget 64MiB`
+/// budget: `[tiering]` defaults mapped by `weights_tier::tier_config`,
+/// prefetch `depth` (0: static placement).
+fn smollm2_tiered(
+    path: &Path,
+    budget: u64,
+    depth: usize,
+    dir: &Path,
+) -> Result<(GgufTextModel, Arc<TieredLayers>)> {
+    let tier = TierConfig {
+        cpu_ram: ByteSize(budget),
+        prefetch_depth: depth,
+        spill_dir: Some(dir.to_path_buf()),
+        ..weights_tier::tier_config(&TieringConfig::default()).context("tiering is on")?
+    };
+    let mut built = None;
+    let model = GgufTextModel::load_with(path, |cfg, weights, names| {
+        let layers = Arc::new(TieredLayers::build(cfg, weights, names, tier)?);
+        built = Some(layers.clone());
+        Ok(Some(StreamedLayers {
+            weight_bytes: layers.weight_bytes(),
+            provider: layers,
+        }))
+    })
+    .with_context(|| format!("loading {} under a budget", path.display()))?;
+    Ok((model, built.context("the layers were built")?))
+}
+
+/// Greedy tokens/s of `steps` decode steps after a short prompt, after one
+/// warm-up request; the tokens; SSD bytes read per token (prefill counted
+/// as one) when `layers` stream.
+fn smollm2_decode(
+    model: &GgufTextModel,
+    layers: Option<&TieredLayers>,
+    steps: usize,
+) -> Result<(f64, Vec<u32>, f64)> {
+    let ids = model.prompt_ids("Why is the sky blue?")?;
+    let mut warm = model.new_session();
+    model.generate(&mut warm, &ids, 2, false, &mut |_| {})?;
+    let read = || {
+        layers.map_or(0, |l| {
+            l.manager().wait_idle();
+            l.stats().ssd_read_bytes
+        })
+    };
+    let before = read();
+    let mut session = model.new_session();
+    let g = model.generate(&mut session, &ids, steps + 1, false, &mut |_| {})?;
+    let streamed = (read() - before) as f64 / (g.decode_steps + 1) as f64;
+    Ok((g.decode_tokens_per_s(), g.tokens, streamed))
+}
+
+/// The SmolLM2 row: tiered and static under 64 MiB against all in RAM and
+/// against the bandwidth bound; adds its criteria.
+fn smollm2_rows(
+    path: &Path,
+    dir: &Path,
+    quick: bool,
+    criteria: &mut Vec<Criterion>,
+) -> Result<serde_json::Value> {
+    let steps = if quick { 4 } else { 12 };
+    let budget = ByteSize::mib(64).bytes();
+    let resident = GgufTextModel::load(path).context("loading SmolLM2")?;
+    let (ram_tps, ram_tokens, _) = smollm2_decode(&resident, None, steps)?;
+    drop(resident);
+    let rounds = if quick { 1 } else { ROUNDS };
+    let (mut best, mut best_static) = (
+        None::<(f64, Vec<u32>, f64, Arc<TieredLayers>)>,
+        None::<(f64, Vec<u32>)>,
+    );
+    for _ in 0..rounds {
+        let (model, layers) = smollm2_tiered(path, budget, PREFETCH_DEPTH, dir)?;
+        let (tps, tokens, streamed) = smollm2_decode(&model, Some(&layers), steps)?;
+        if best.as_ref().is_none_or(|b| tps > b.0) {
+            best = Some((tps, tokens, streamed, layers));
+        }
+        drop(model);
+        let (model, layers) = smollm2_tiered(path, budget, 0, dir)?;
+        let (tps, tokens, _) = smollm2_decode(&model, Some(&layers), steps)?;
+        if best_static.as_ref().is_none_or(|b| tps > b.0) {
+            best_static = Some((tps, tokens));
+        }
+    }
+    let (tps, tokens, streamed, layers) = best.context("a tiered round ran")?;
+    let (static_tps, static_tokens) = best_static.context("a static round ran")?;
+    let mut bw = 0f64;
+    for _ in 0..3 {
+        bw = bw.max(layers.manager().measure_read_bandwidth()?);
+    }
+    bw = bw.max(layers.stats().ssd_read_bandwidth());
+    let bound = bw / streamed.max(1.0);
+    let same = tokens == ram_tokens && static_tokens == ram_tokens;
+    let s = layers.stats();
+    let images = layers.image_bytes();
+    println!(
+        "SmolLM2 at 64 MiB ({:.0} MiB of f32 layers, {:.1}x the budget): tiered {:.2} tok/s, static {:.2}, all-in-RAM {:.2}, bound {:.2} ({:.0} MB/token at {:.0} MB/s), peak RAM {:.1} MiB, tokens equal: {same}",
+        images as f64 / 1048576.0,
+        images as f64 / budget as f64,
+        tps,
+        static_tps,
+        ram_tps,
+        bound,
+        streamed / 1e6,
+        bw / 1e6,
+        s.tiers[1].peak as f64 / 1048576.0
+    );
+    criteria.push(Criterion::higher_is_better(
+        "SmolLM2 at 64 MiB: output equals all-in-RAM",
+        "bool",
+        f64::from(u8::from(same)),
+        1.0,
+        1.0,
+    ));
+    criteria.push(Criterion::higher_is_better(
+        "SmolLM2 at 64 MiB: tiered vs SSD-bandwidth bound",
+        "tokens/s",
+        tps,
+        bound,
+        0.7,
+    ));
+    Ok(json!({
+        "model": path.display().to_string(),
+        "budget_bytes": budget,
+        "layer_image_bytes": images,
+        "decode_steps": steps,
+        "tiered_tokens_per_s": tps,
+        "static_tokens_per_s": static_tps,
+        "all_in_ram_tokens_per_s": ram_tps,
+        "streamed_bytes_per_token": streamed,
+        "read_bandwidth_bytes_per_s": bw,
+        "bound_tokens_per_s": bound,
+        "tokens_equal_all_in_ram": same,
+        "ram_peak_bytes": s.tiers[1].peak,
+        "stats": s,
+    }))
 }
