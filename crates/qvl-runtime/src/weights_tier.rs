@@ -62,17 +62,19 @@ impl TieredLayers {
         names: &DecoderTensorNames,
         tier: TierConfig,
     ) -> qvl_model::Result<TieredLayers> {
-        Self::build_recorded(config, src, names, tier, None)
+        Self::build_with(config, src, names, tier, None, &mut |_| Ok(()))
     }
 
     /// [`TieredLayers::build`] with a manager that reports migrations,
-    /// lookups and SSD traffic to `recorder`.
-    pub fn build_recorded(
+    /// lookups and SSD traffic to `recorder`, calling `after_layer(i)` once
+    /// layer `i` is on the SSD tier (to release its source pages, say).
+    pub fn build_with(
         config: &DecoderConfig,
         src: &dyn WeightSource,
         names: &DecoderTensorNames,
         tier: TierConfig,
         recorder: Option<Arc<dyn MetricsRecorder>>,
+        after_layer: &mut dyn FnMut(usize) -> qvl_model::Result<()>,
     ) -> qvl_model::Result<TieredLayers> {
         let manager = TierManager::with_recorder(tier, recorder).map_err(tier_error)?;
         let mut order = Vec::with_capacity(config.num_layers);
@@ -99,9 +101,10 @@ impl TieredLayers {
                 image.extend_from_slice(t.bytes.as_slice());
             }
             // Validates shapes now, not on the first token.
+            let image = Arc::new(image);
             let layer = DecoderLayer::load(
                 config,
-                &LayerImage::new(&table, image.clone())?,
+                &LayerImage::over(&table, image.clone())?,
                 names,
                 index,
             )?;
@@ -112,7 +115,9 @@ impl TieredLayers {
                     .insert(TensorKind::Weight, &image)
                     .map_err(tier_error)?,
             );
+            drop(image);
             tables.push(table);
+            after_layer(index)?;
         }
         manager.flush().map_err(tier_error)?;
         Ok(TieredLayers {
@@ -237,10 +242,6 @@ struct LayerImage {
 }
 
 impl LayerImage {
-    fn new(table: &[TensorEntry], image: Vec<u8>) -> qvl_model::Result<LayerImage> {
-        Self::over(table, Arc::new(image))
-    }
-
     fn over(table: &[TensorEntry], owner: Arc<dyn ByteOwner>) -> qvl_model::Result<LayerImage> {
         let mut tensors = HashMap::with_capacity(table.len());
         for e in table {
@@ -376,8 +377,27 @@ impl WeightTiering {
         let ram = tier.cpu_ram;
         let mut built = None;
         let model = GgufTextModel::load_with(path, |cfg, weights, names| {
-            let layers = Arc::new(TieredLayers::build_recorded(
-                cfg, weights, names, tier, recorder,
+            // The file's pages of a layer are dropped once it is on the SSD
+            // tier: the mapped file does not stay resident beside the budget.
+            let file = weights.file();
+            let mut release = |index: usize| -> qvl_model::Result<()> {
+                let prefix = format!("blk.{index}.");
+                for info in file.header().tensors.iter() {
+                    if info.name.starts_with(&prefix) {
+                        qvl_tier::release_mapped_pages(file.tensor_data(info)).map_err(|e| {
+                            ModelError::io(format!("releasing pages of {}", info.name), e)
+                        })?;
+                    }
+                }
+                Ok(())
+            };
+            let layers = Arc::new(TieredLayers::build_with(
+                cfg,
+                weights,
+                names,
+                tier,
+                recorder,
+                &mut release,
             )?);
             let need = layers.largest_image_bytes();
             if ram.bytes() < need {

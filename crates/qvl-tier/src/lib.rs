@@ -31,7 +31,7 @@ mod stats;
 pub use config::{PlacementPolicy, TierConfig};
 pub use error::{Result, TierError};
 pub use manager::{ObjectId, Resident, TierManager};
-pub use spill::{Extent, SpillFile};
+pub use spill::{release_mapped_pages, Extent, SpillFile};
 pub use stats::{TierStats, TierUsage};
 
 /// Whether this build has a GPU tier: false, qvl-tier is built without

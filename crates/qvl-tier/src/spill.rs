@@ -233,9 +233,52 @@ impl Drop for SpillFile {
 
 static SPILL_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Drops this process's pages of `bytes`, a range of a read-only file
+/// mapping, once its contents were copied to the SSD tier: the next access
+/// reads them from the file again. Without it, a model copied layer by layer
+/// out of its mapped file keeps the whole file resident (RSS) beside the
+/// RAM budget. Only whole pages inside the range are dropped.
+///
+/// `bytes` must belong to a read-only mapping of a file (as a memory-mapped
+/// weight file is); for anonymous memory the pages would read back as zeros.
+pub fn release_mapped_pages(bytes: &[u8]) -> std::io::Result<()> {
+    const PAGE: usize = 4096;
+    let start = bytes.as_ptr() as usize;
+    let first = start.next_multiple_of(PAGE);
+    let end = (start + bytes.len()) / PAGE * PAGE;
+    if end <= first {
+        return Ok(());
+    }
+    // SAFETY: the range lies inside `bytes`, so it is mapped; MADV_DONTNEED
+    // on a read-only file mapping only drops pages, which the kernel reads
+    // back from the unchanged file on the next access, so every reference
+    // into the mapping keeps seeing the same bytes.
+    let rc = unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn released_mapped_pages_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weights.bin");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        // SAFETY: the file is private to this test and not modified while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        assert_eq!(&map[..], &data[..]);
+        release_mapped_pages(&map[100..40_000]).unwrap();
+        release_mapped_pages(&map[10..20]).unwrap(); // no whole page: nothing to do
+        assert_eq!(&map[..], &data[..]);
+    }
 
     #[test]
     fn reuses_freed_space_and_reads_back() {
