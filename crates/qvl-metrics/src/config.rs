@@ -9,6 +9,7 @@ use std::time::Duration;
 
 /// The `[metrics]` section: collector and dashboard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// How often the memory gauges are sampled for time-weighted averages.
@@ -47,6 +48,7 @@ impl MetricsConfig {
 
 /// The `[metrics.dashboard]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct DashboardConfig {
     /// Address to listen on; loopback unless you mean to expose it.
@@ -97,6 +99,7 @@ impl DashboardConfig {
 /// Thresholds of the dashboard's alerts. Rates are judged over the last
 /// `window_seconds`, so that an old good average does not hide a collapse.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertThresholds {
     /// Reserved bytes above which a tier alerts (keys: gpu, host_ram, ssd).

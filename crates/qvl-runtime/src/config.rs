@@ -9,6 +9,7 @@ use crate::error::{Result, RuntimeError};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use qvl_core::{ByteSize, DType, TensorKind};
+use schemars::JsonSchema;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,7 +20,7 @@ use std::time::Duration;
 pub const ENV_PREFIX: &str = "QVL_";
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Phase 1: pools for tensor buffers.
@@ -41,7 +42,7 @@ pub struct Config {
 }
 
 /// `[memory_pooling]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolingConfig {
     /// Off: every buffer comes from the system allocator.
@@ -84,7 +85,7 @@ impl Default for PoolingConfig {
 }
 
 /// One `[memory_pooling.specialized_pools.<name>]` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpecializedPool {
     /// Which tensors it serves.
@@ -99,7 +100,7 @@ pub struct SpecializedPool {
 }
 
 /// Eviction policies of the cache levels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CachePolicy {
     /// Least recently used.
@@ -115,7 +116,7 @@ pub enum CachePolicy {
 }
 
 /// `[caching]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CachingConfig {
     /// Off: blocks are recomputed or fetched on every miss.
@@ -143,7 +144,7 @@ impl Default for CachingConfig {
 }
 
 /// Compression methods the selector may choose from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CompressionMethod {
     /// Group-wise int8/int4 quantization.
@@ -157,7 +158,7 @@ pub enum CompressionMethod {
 }
 
 /// `[compression]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CompressionConfig {
     /// Off: tensors are stored in their own dtype.
@@ -185,7 +186,7 @@ impl Default for CompressionConfig {
 }
 
 /// Victim choice of the swap space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SwapPolicy {
     /// Least recently used blocks go first.
@@ -195,7 +196,7 @@ pub enum SwapPolicy {
 }
 
 /// `[swapping]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SwappingConfig {
     /// Off: the KV cache stays in RAM, and a context that does not fit fails.
@@ -221,7 +222,7 @@ impl Default for SwappingConfig {
 }
 
 /// What decides migrations between tiers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationPolicy {
     /// Decayed access counts: hot objects move up, cold ones down.
@@ -231,7 +232,7 @@ pub enum MigrationPolicy {
 }
 
 /// `[tiering]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TieringConfig {
     /// Off: everything stays where it was loaded.
@@ -253,7 +254,7 @@ impl Default for TieringConfig {
 }
 
 /// `[garbage_collection]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GcConfig {
     /// Off: memory is released only when tensors are dropped.
@@ -275,7 +276,7 @@ impl Default for GcConfig {
 }
 
 /// Where to compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
     /// CUDA when a driver and a GPU are present, else CPU.
@@ -287,7 +288,7 @@ pub enum Device {
 }
 
 /// `[hardware]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HardwareConfig {
     /// Where to compute.
@@ -350,6 +351,20 @@ impl fmt::Display for HumanDuration {
         } else {
             write!(f, "{ms}ms")
         }
+    }
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HumanDuration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration with a unit: ms, s or m (\"250ms\", \"2s\", \"1.5s\").",
+            "examples": ["100ms", "2s"]
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
+pub mod config_reference;
 mod error;
 pub mod gen_model;
 pub mod kv_codec;

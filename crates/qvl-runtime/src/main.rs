@@ -216,6 +216,11 @@ enum ConfigCommand {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Print the configuration reference (every key, its type, default and
+    /// meaning) as Markdown, generated from the config types.
+    Reference,
+    /// Print the JSON Schema of the config file (for editors and validators).
+    Schema,
 }
 
 fn main() -> ExitCode {
@@ -228,6 +233,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(ConfigCommand::Show { config }) => commands::config::show(config),
         Command::Config(ConfigCommand::Check { file }) => commands::config::check(&file),
+        Command::Config(ConfigCommand::Reference) => {
+            print!("{}", qvl_runtime::config_reference::markdown());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Schema) => commands::config::schema(),
         Command::Cache(CacheCommand::Replay {
             trace,
             capacity,

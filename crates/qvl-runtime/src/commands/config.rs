@@ -1,4 +1,4 @@
-//! `qvl config show` and `qvl config check`.
+//! `qvl config show`, `check`, `reference` and `schema`.
 use anyhow::Result;
 use qvl_runtime::config::{self, ConfigSources};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,13 @@ pub fn show(file: Option<PathBuf>) -> Result<ExitCode> {
         let line = format!("{relative} = {shown}");
         println!("{line:<width$}  # {source}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the JSON Schema of the config file.
+pub fn schema() -> Result<ExitCode> {
+    let schema = qvl_runtime::config_reference::json_schema();
+    println!("{}", serde_json::to_string_pretty(&schema)?);
     Ok(ExitCode::SUCCESS)
 }
 
