@@ -141,16 +141,20 @@ fn ci(args: &[String]) -> Result<()> {
     ]);
     step("cargo clippy -D warnings", clippy)?;
     deps()?;
+    // One build serves the tests, the fetch and the benchmarks (see CI_PROFILE).
+    let mut build = cargo();
+    build.args(["test", "--workspace", "--profile", CI_PROFILE, "--no-run"]);
+    step("cargo test --no-run (build)", build)?;
     // The trained model makes the end-to-end tests real; offline they say
     // they were skipped instead of failing.
-    if let Err(e) = fetch_model(&["smollm2".to_string()]) {
+    if let Err(e) = fetch_model_with(CI_PROFILE, &["smollm2".to_string()]) {
         println!("note: SmolLM2 not fetched ({e:#}); its tests will report that they were skipped");
     }
     let mut test = cargo();
-    test.args(["test", "--workspace"]);
+    test.args(["test", "--workspace", "--profile", CI_PROFILE]);
     step("cargo test --workspace", test)?;
     if !skip_bench {
-        bench(&["all".to_string(), "--quick".to_string()])?;
+        bench_with(CI_PROFILE, &["all".to_string(), "--quick".to_string()])?;
     }
     println!("ci: all steps passed");
     Ok(())
@@ -206,32 +210,45 @@ fn dependency_violations(meta: &serde_json::Value) -> Result<Vec<String>> {
     Ok(violations)
 }
 
+/// The profile of user-facing runs (`cargo xtask bench`, `fetch-model`).
+const RELEASE: &str = "release";
+/// The profile of `cargo xtask ci`: release code generation with debug
+/// assertions and overflow checks, shared by the tests, the model fetch and
+/// the quick benchmarks so that CI compiles the workspace once, not twice.
+const CI_PROFILE: &str = "ci";
+
 fn bench(args: &[String]) -> Result<()> {
+    bench_with(RELEASE, args)
+}
+
+fn bench_with(profile: &str, args: &[String]) -> Result<()> {
     if args.is_empty() {
         bail!("usage: cargo xtask bench <phase>|all [--quick]");
     }
     let mut cmd = cargo();
-    cmd.args(["run", "--release", "--quiet", "-p", "qvl-bench", "--"])
-        .args(args);
+    cmd.args([
+        "run",
+        "--profile",
+        profile,
+        "--quiet",
+        "-p",
+        "qvl-bench",
+        "--",
+    ])
+    .args(args);
     step(&format!("bench {}", args.join(" ")), cmd)
 }
 
 fn fetch_model(args: &[String]) -> Result<()> {
+    fetch_model_with(RELEASE, args)
+}
+
+fn fetch_model_with(profile: &str, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("smollm2") => {
             let mut cmd = cargo();
-            cmd.args([
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "qvl-runtime",
-                "--bin",
-                "qvl",
-                "--",
-                "fetch-model",
-                "smollm2",
-            ]);
+            cmd.args(["run", "--profile", profile, "--quiet", "-p", "qvl-runtime"])
+                .args(["--bin", "qvl", "--", "fetch-model", "smollm2"]);
             step("fetch-model smollm2", cmd)
         }
         Some(other) => bail!("unknown model {other:?}; known: smollm2"),
