@@ -508,8 +508,14 @@ impl WeightTiering {
         }
         lines.push(format!(
             "migrations {} up (SSD -> RAM), {} down; layer reads: {} kept in RAM, {} prefetched \
-             ({} waited), {} on demand from SSD",
-            s.promotions, s.demotions, s.ram_hits, s.prefetch_hits, s.prefetch_late, s.ssd_hits
+             ({} waited), {} on demand from SSD; {} prefetches skipped for room",
+            s.promotions,
+            s.demotions,
+            s.ram_hits,
+            s.prefetch_hits,
+            s.prefetch_late,
+            s.ssd_hits,
+            s.prefetch_skipped
         ));
         lines.push(format!(
             "SSD reads {:.1} MiB at {:.0} MB/s while reading, {:.0} MB/s over {:.2} s",

@@ -370,7 +370,7 @@ impl TierManager {
         obj.loading = true;
         let extent = obj.extent;
         drop(st);
-        let read = sh.read(id.0, extent);
+        let read = sh.read(id.0, extent, 0);
         let mut st = sh.lock();
         if let Some(obj) = st.objects.get_mut(&id.0) {
             obj.loading = false;
@@ -650,10 +650,14 @@ impl Shared {
     }
 
     /// Reads an object's extent into a new charged buffer.
-    fn read(&self, id: u64, extent: Extent) -> Result<Arc<Resident>> {
+    /// Reads `id` into a charged buffer; `inflight` is what a prefetch
+    /// counted for it, released as soon as the buffer is charged (counting
+    /// both while the read runs would leave no room for the next prefetch).
+    fn read(&self, id: u64, extent: Extent, inflight: u64) -> Result<Arc<Resident>> {
         // Lengths fit in usize: they came from in-memory slices.
         let len = extent.len as usize;
         let (data, charged) = self.ram.buffer(len);
+        self.ram.inflight.fetch_sub(inflight, Ordering::AcqRel);
         let mut resident = Resident {
             id: ObjectId(id),
             data,
@@ -734,12 +738,12 @@ fn io_loop(sh: &Shared, jobs: &Receiver<Job>) {
             Job::Prefetch(id, len) => (id, false, len),
         };
         let extent = sh.lock().objects.get(&id).map(|o| o.extent);
-        let read = extent.map(|e| sh.read(id, e));
-        // The buffer is charged now (or the object is gone).
-        sh.ram.inflight.fetch_sub(inflight, Ordering::AcqRel);
-        let (Some(extent), Some(read)) = (extent, read) else {
+        let Some(extent) = extent else {
+            // The object is gone: nothing will be charged for it.
+            sh.ram.inflight.fetch_sub(inflight, Ordering::AcqRel);
             continue;
         };
+        let read = sh.read(id, extent, inflight);
         let mut st = sh.lock();
         if let Some(obj) = st.objects.get_mut(&id) {
             obj.loading = false;
