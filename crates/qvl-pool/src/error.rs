@@ -54,6 +54,47 @@ pub enum PoolError {
         align: usize,
     },
 
+    // --- CUDA (feature `cuda`) ---------------------------------------------
+    /// No usable CUDA driver or device on this machine.
+    #[cfg(feature = "cuda")]
+    #[error("CUDA is unavailable: {reason}")]
+    CudaUnavailable {
+        /// What is missing.
+        reason: String,
+    },
+    /// A CUDA driver call failed.
+    #[cfg(feature = "cuda")]
+    #[error("CUDA {op} failed: {source}")]
+    Cuda {
+        /// The driver call and what it was for.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// A device or pinned pool has no room left within its limit.
+    #[cfg(feature = "cuda")]
+    #[error("the {tier} pool is full: need {needed}, {capacity} reserved for it in all")]
+    PoolFull {
+        /// The pool's tier.
+        tier: Tier,
+        /// Size asked for.
+        needed: ByteSize,
+        /// The pool's limit.
+        capacity: ByteSize,
+    },
+    /// A copy between buffers of different sizes, or out of bounds.
+    #[cfg(feature = "cuda")]
+    #[error("copy of {what}: source has {source_bytes} bytes, destination {dest_bytes}")]
+    CopySize {
+        /// Which copy.
+        what: &'static str,
+        /// Bytes of the source.
+        source_bytes: usize,
+        /// Bytes of the destination.
+        dest_bytes: usize,
+    },
+
     // --- integrity ------------------------------------------------------------
     /// A block handed back that the pool does not consider handed out: a
     /// double free or a handle from elsewhere. Caught before any bookkeeping
@@ -87,6 +128,29 @@ impl From<PoolError> for CoreError {
                 format!("giving {bytes} at offset {offset} back to the OS"),
                 source,
             ),
+            #[cfg(feature = "cuda")]
+            PoolError::CudaUnavailable { reason } => CoreError::Unavailable {
+                backend: "cuda",
+                reason,
+            },
+            #[cfg(feature = "cuda")]
+            e @ PoolError::Cuda { .. } => CoreError::Unavailable {
+                backend: "cuda",
+                reason: e.to_string(),
+            },
+            #[cfg(feature = "cuda")]
+            e @ PoolError::CopySize { .. } => CoreError::InvalidInput(e.to_string()),
+            #[cfg(feature = "cuda")]
+            PoolError::PoolFull {
+                tier,
+                needed,
+                capacity,
+            } => CoreError::OutOfCapacity {
+                tier,
+                needed,
+                available: ByteSize(0),
+                capacity,
+            },
             PoolError::SystemOutOfMemory { bytes, .. } => CoreError::OutOfCapacity {
                 tier: Tier::HostRam,
                 needed: bytes,

@@ -27,13 +27,18 @@
 //!
 //! The arena and the slot stores work on offsets through the [`Backing`]
 //! trait and never touch memory, so a CUDA device backend (issue 13) reuses
-//! them as they are.
+//! them as they are: with the `cuda` feature, [`cuda::DevicePool`] and
+//! [`cuda::PinnedPool`] do, with frees ordered on CUDA streams.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backing;
 pub mod bfc;
+#[cfg(any(feature = "cuda", test))]
+mod chunks;
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 mod host;
 pub mod size_class;
