@@ -34,7 +34,9 @@
 
 pub mod backing;
 pub mod bfc;
+// Pure bookkeeping of the CUDA backings, tested without a GPU too.
 #[cfg(any(feature = "cuda", test))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod chunks;
 mod config;
 #[cfg(feature = "cuda")]
