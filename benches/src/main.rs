@@ -8,6 +8,7 @@
 mod cache;
 mod compress;
 mod gc;
+mod gpu_codec;
 mod metrics;
 mod model;
 mod pool;
@@ -43,6 +44,11 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
         "pool",
         "allocation time and reserved memory against the system allocator",
         Some(pool::run),
+    ),
+    (
+        "gpu-codec",
+        "GPU int8/int4 quantize and dequantize against the CPU codec (feature cuda)",
+        Some(gpu_codec::run),
     ),
     (
         "cache",

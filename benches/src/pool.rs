@@ -549,5 +549,208 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         "pool_released_at_end_bytes": released,
         "pool_reserved_after_release_bytes": pool.pool.stats().reserved_bytes,
     });
+    report.details["gpu"] = gpu_rows(opts, &mut report)?;
     Ok(report)
+}
+
+/// The GPU rows: the device pool against `cuMemAlloc`/`cuMemFree` and
+/// `cuMemAllocAsync`/`cuMemFreeAsync` on the same allocation stream, and
+/// pinned against pageable copy bandwidth with the PCIe bound beside them.
+/// Without the `cuda` feature or without a GPU the report says why instead.
+fn gpu_rows(opts: &BenchOptions, report: &mut BenchReport) -> Result<serde_json::Value> {
+    #[cfg(feature = "cuda")]
+    {
+        gpu::rows(opts, report)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (opts, report);
+        Ok(
+            json!({"skipped": "built without --features cuda; `cargo xtask gpu-check` runs the GPU rows"}),
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use qvl_pool::cuda::{
+        self, CudaPoolConfig, CudaPoolMode, DeviceBuffer, DevicePool, PinnedPool, Transfer,
+    };
+    use std::sync::Arc;
+
+    struct Device {
+        name: &'static str,
+        pool: DevicePool,
+    }
+
+    impl Device {
+        /// Replays the trace without touching memory (the device's pages are
+        /// mapped when the pool commits them; a kernel's first write costs
+        /// nothing extra); returns ns per alloc+free.
+        fn replay(&self, trace: &Trace, table: &mut Vec<Option<DeviceBuffer>>) -> Result<f64> {
+            table.clear();
+            table.resize_with(trace.slots as usize, || None);
+            let start = Instant::now();
+            for op in &trace.ops {
+                match *op {
+                    Op::Alloc { slot, bytes, kind } => {
+                        table[slot as usize] =
+                            Some(self.pool.allocate(&AllocRequest::bytes(bytes, kind))?);
+                    }
+                    Op::Free { slot } => drop(table[slot as usize].take()),
+                }
+            }
+            Ok(start.elapsed().as_nanos() as f64 / trace.allocs as f64)
+        }
+    }
+
+    pub(super) fn rows(opts: &BenchOptions, report: &mut BenchReport) -> Result<serde_json::Value> {
+        let ctx = match cuda::probe(0) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                println!("bench pool: GPU rows skipped: {e}");
+                return Ok(json!({"skipped": e.to_string()}));
+            }
+        };
+        let stream = ctx.new_stream()?;
+        // The quick request mix keeps cuMemAlloc's passes to seconds.
+        let trace = Trace::serve(&[(300, 24), (1024, 16), (96, 40), (640, 20), (180, 12)]);
+        let config = |mode| CudaPoolConfig {
+            max_pool_size: ByteSize((trace.peak_live as u64 * 2).max(1 << 30)),
+            mode,
+        };
+        let subjects = [
+            ("cuMemAlloc/cuMemFree", CudaPoolMode::Driver),
+            ("cuMemAllocAsync/cuMemFreeAsync", CudaPoolMode::DriverAsync),
+            ("qvl-pool device pool", CudaPoolMode::Pool),
+        ]
+        .map(|(name, mode)| -> Result<Device> {
+            Ok(Device {
+                name,
+                pool: DevicePool::new(&ctx, &stream, &config(mode))?,
+            })
+        });
+        let [driver, driver_async, pool] = subjects;
+        let (driver, driver_async, pool) = (driver?, driver_async?, pool?);
+        let rounds = if opts.quick { 2 } else { 3 };
+        let mut table = Vec::new();
+        let mut times: [Vec<f64>; 3] = Default::default();
+        for _ in 0..rounds {
+            for (i, d) in [&driver, &driver_async, &pool].iter().enumerate() {
+                times[i].push(d.replay(&trace, &mut table)?);
+                stream.synchronize()?;
+            }
+        }
+        let [t_driver, t_async, t_pool] = times.clone().map(median);
+        let stats = pool.pool.stats();
+        let peak_live = trace.peak_live as f64;
+        let mib = |b: f64| b / (1u64 << 20) as f64;
+        report.criteria.push(Criterion::lower_is_better(
+            "GPU alloc+free per tensor, device pool vs cuMemAlloc/cuMemFree (target: 100x faster)",
+            "ns/alloc",
+            t_pool,
+            t_driver,
+            100.0,
+        ));
+        report.criteria.push(Criterion::lower_is_better(
+            "GPU alloc+free per tensor, device pool vs cuMemAllocAsync/cuMemFreeAsync (no slower)",
+            "ns/alloc",
+            t_pool,
+            t_async,
+            1.0,
+        ));
+        report.criteria.push(Criterion::lower_is_better(
+            "GPU peak reserved (value) vs peak live bytes (baseline), at most 1.10x",
+            "MiB",
+            mib(stats.peak_reserved_bytes as f64),
+            mib(peak_live),
+            1.0 / 1.10,
+        ));
+        let copies = copy_rows(opts, &ctx, &stream, report)?;
+        Ok(json!({
+            "device": ctx.name()?,
+            "method": "the quick request mix of the host rows, replayed without touching memory; the three allocators round-robin, median pass; the pool's peak reserved counts mapped 2 MiB chunks",
+            "trace": {"allocs": trace.allocs, "peak_live_bytes": trace.peak_live},
+            "ns_per_alloc_free": {
+                driver.name: times[0], driver_async.name: times[1], pool.name: times[2],
+            },
+            "pool_stats": {
+                "peak_reserved_bytes": stats.peak_reserved_bytes,
+                "peak_reserved_over_peak_live": stats.peak_reserved_bytes as f64 / peak_live,
+                "os_alloc_count": stats.os_alloc_count,
+                "released_at_end_bytes": pool.pool.release_cached(),
+            },
+            "copies": copies,
+        }))
+    }
+
+    /// Pinned against pageable host memory, both directions, GB/s.
+    fn copy_rows(
+        opts: &BenchOptions,
+        ctx: &Arc<cuda::CudaContext>,
+        stream: &Arc<cuda::CudaStream>,
+        report: &mut BenchReport,
+    ) -> Result<serde_json::Value> {
+        let bytes = if opts.quick { 16 << 20 } else { 256 << 20 };
+        let reps = if opts.quick { 3 } else { 9 };
+        let cfg = CudaPoolConfig {
+            max_pool_size: ByteSize((bytes as u64) * 2),
+            mode: CudaPoolMode::Pool,
+        };
+        let device = DevicePool::new(ctx, stream, &cfg)?;
+        let pinned = PinnedPool::new(ctx, stream, &cfg)?;
+        let req = AllocRequest::bytes(bytes, TensorKind::Activation);
+        let mut dev = device.allocate(&req)?;
+        let mut host_pinned = pinned.allocate(&req)?;
+        host_pinned.fill(3);
+        let mut pageable = vec![3u8; bytes];
+        let transfer = Transfer::new(Arc::clone(stream));
+        let gbps = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
+        let mut t: [Vec<f64>; 4] = Default::default();
+        for _ in 0..reps {
+            let s = Instant::now();
+            transfer.to_device(&mut host_pinned, &mut dev)?.wait()?;
+            t[0].push(gbps(s.elapsed()));
+            let s = Instant::now();
+            transfer.to_device_pageable(&pageable, &mut dev)?;
+            t[1].push(gbps(s.elapsed()));
+            let s = Instant::now();
+            transfer.to_host(&mut dev, &mut host_pinned)?.wait()?;
+            t[2].push(gbps(s.elapsed()));
+            let s = Instant::now();
+            transfer.to_host_pageable(&mut dev, &mut pageable)?;
+            t[3].push(gbps(s.elapsed()));
+        }
+        let [h2d_pinned, h2d_pageable, d2h_pinned, d2h_pageable] = t.clone().map(median);
+        report.criteria.push(Criterion::higher_is_better(
+            "host-to-device copy, pinned pool vs pageable memory",
+            "GB/s",
+            h2d_pinned,
+            h2d_pageable,
+            1.0,
+        ));
+        report.criteria.push(Criterion::higher_is_better(
+            "device-to-host copy, pinned pool vs pageable memory",
+            "GB/s",
+            d2h_pinned,
+            d2h_pageable,
+            1.0,
+        ));
+        let link = cuda::pci_link(ctx);
+        if let Some(link) = link {
+            report.criteria.push(Criterion::higher_is_better(
+                "host-to-device pinned copy vs the PCIe link bound (target: 70%)",
+                "GB/s",
+                h2d_pinned,
+                link.bound_gb_per_s(),
+                0.7,
+            ));
+        }
+        Ok(json!({
+            "bytes_per_copy": bytes, "reps": reps,
+            "gb_per_s_runs": {"h2d_pinned": t[0], "h2d_pageable": t[1], "d2h_pinned": t[2], "d2h_pageable": t[3]},
+            "pcie_link": link.map(|l| json!({"gt_per_s": l.gt_per_s, "width": l.width, "bound_gb_per_s": l.bound_gb_per_s()})),
+        }))
+    }
 }

@@ -333,6 +333,102 @@ fn valgrind(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Packages with a `cuda` feature, and the cargo arguments that turn it on.
+const CUDA_PACKAGES: &[&str] = &["qvl-pool", "qvl-compress", "qvl-cache"];
+
+fn cuda_args(packages: &[&str]) -> Vec<String> {
+    let mut args = Vec::new();
+    for p in packages {
+        args.extend(["-p".to_string(), p.to_string()]);
+    }
+    let features: Vec<String> = packages.iter().map(|p| format!("{p}/cuda")).collect();
+    args.extend(["--features".to_string(), features.join(",")]);
+    args
+}
+
+/// Runs `cmd`, showing its output and keeping a copy in `log`.
+fn step_logged(name: &str, cmd: &Command, log: &Path) -> Result<()> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut sh = Command::new("bash");
+    sh.current_dir(repo_root())
+        .arg("-c")
+        .arg("set -o pipefail; log=\"$1\"; shift; \"$@\" 2>&1 | tee \"$log\"")
+        .arg("gpu-check")
+        .arg(log)
+        .arg(program)
+        .args(args);
+    step(name, sh)
+}
+
+/// `gpu-check [--build-only]`: the checks that need a CUDA GPU, in one go.
+///
+/// Builds and lints every crate with its `cuda` feature; unless
+/// `--build-only`, runs their tests (which say when they were skipped for
+/// want of a driver) and the GPU benchmark rows, and writes logs and
+/// reports to `target/gpu-check/`.
+fn gpu_check(args: &[String]) -> Result<()> {
+    let build_only = args.iter().any(|a| a == "--build-only");
+    let out = repo_root().join("target/gpu-check");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let mut clippy = cargo();
+    clippy
+        .arg("clippy")
+        .args(cuda_args(CUDA_PACKAGES))
+        .args(["-p", "qvl-bench", "--features", "qvl-bench/cuda"])
+        .args(["--all-targets", "--", "-D", "warnings"]);
+    step_logged("clippy --features cuda", &clippy, &out.join("clippy.log"))?;
+    if build_only {
+        println!(
+            "gpu-check --build-only: the cuda feature builds and lints clean ({:.0}s)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let mut smi = Command::new("nvidia-smi");
+    match smi.output() {
+        Ok(o) => std::fs::write(out.join("nvidia-smi.txt"), &o.stdout)?,
+        Err(e) => std::fs::write(out.join("nvidia-smi.txt"), format!("nvidia-smi: {e}\n"))?,
+    }
+    let mut test = cargo();
+    test.arg("test")
+        .args(cuda_args(CUDA_PACKAGES))
+        .args(["--", "--nocapture", "--test-threads=1"]);
+    step_logged("cuda tests", &test, &out.join("tests.log"))?;
+    let reports = out.join("bench");
+    for phase in ["pool", "gpu-codec"] {
+        let mut bench = cargo();
+        bench
+            .args(["run", "--release", "--quiet", "-p", "qvl-bench"])
+            .args(["--features", "qvl-bench/cuda", "--"])
+            .arg(phase)
+            .arg("--out")
+            .arg(&reports);
+        step_logged(
+            &format!("bench {phase} (GPU rows)"),
+            &bench,
+            &out.join(format!("bench-{phase}.log")),
+        )?;
+    }
+    let skipped = std::fs::read_to_string(out.join("tests.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("skipped"))
+        .count();
+    let summary = format!(
+        "gpu-check finished in {:.0}s; {skipped} test lines say skipped (0 expected on a GPU machine)\nlogs: clippy.log tests.log bench-*.log nvidia-smi.txt; reports: bench/*.json\n",
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::write(out.join("summary.txt"), &summary)?;
+    print!("{summary}");
+    println!("results in {}", out.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,8 @@ struct ReadmeDoctests;
 
 mod config;
 mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu_store;
 mod keymap;
 mod list;
 pub mod policy;

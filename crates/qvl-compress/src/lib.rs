@@ -25,6 +25,8 @@
 #![allow(clippy::needless_range_loop)]
 
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 mod float;
 mod format;

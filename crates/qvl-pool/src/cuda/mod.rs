@@ -91,6 +91,43 @@ pub fn probe(ordinal: usize) -> Result<Arc<CudaContext>, PoolError> {
     }
 }
 
+/// The PCIe link of a device, read from sysfs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PciLink {
+    /// Transfer rate per lane, GT/s (8 for gen3, 16 for gen4).
+    pub gt_per_s: f64,
+    /// Lanes.
+    pub width: u32,
+}
+
+impl PciLink {
+    /// Payload bandwidth of the link in GB/s after line encoding (8b/10b up
+    /// to 5 GT/s, 128b/130b above), before protocol overhead.
+    pub fn bound_gb_per_s(&self) -> f64 {
+        let encoding = if self.gt_per_s <= 5.0 {
+            0.8
+        } else {
+            128.0 / 130.0
+        };
+        self.gt_per_s * encoding * f64::from(self.width) / 8.0
+    }
+}
+
+/// The current PCIe link of `ctx`'s device, or None when sysfs does not
+/// say (not Linux, a virtual device, a container without /sys).
+pub fn pci_link(ctx: &CudaContext) -> Option<PciLink> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let domain = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID).ok()?;
+    let bus = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID).ok()?;
+    let device = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID).ok()?;
+    let dir = format!("/sys/bus/pci/devices/{domain:04x}:{bus:02x}:{device:02x}.0");
+    let read = |name: &str| std::fs::read_to_string(format!("{dir}/{name}")).ok();
+    let speed = read("current_link_speed")?;
+    let gt_per_s = speed.split_whitespace().next()?.parse().ok()?;
+    let width = read("current_link_width")?.trim().parse().ok()?;
+    Some(PciLink { gt_per_s, width })
+}
+
 /// Why the CUDA tests and benchmarks of this machine are skipped, or None
 /// when device 0 is usable. Prints nothing; callers say it.
 pub fn unavailable_reason() -> Option<String> {
@@ -100,6 +137,20 @@ pub fn unavailable_reason() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pcie_bounds_follow_the_line_encoding() {
+        let gen3 = PciLink {
+            gt_per_s: 8.0,
+            width: 16,
+        };
+        assert!((gen3.bound_gb_per_s() - 15.754).abs() < 0.01);
+        let gen2 = PciLink {
+            gt_per_s: 5.0,
+            width: 8,
+        };
+        assert!((gen2.bound_gb_per_s() - 4.0).abs() < 1e-9);
+    }
 
     #[test]
     fn probe_says_why_cuda_is_missing_or_gives_a_context() {
