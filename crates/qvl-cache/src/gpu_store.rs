@@ -224,7 +224,7 @@ impl BlockStore for GpuStore {
     }
 
     fn contains(&self, key: &BlockKey) -> bool {
-        self.lock().blocks.get(key).is_some()
+        self.lock().blocks.contains_key(key)
     }
 
     fn capacity_bytes(&self) -> u64 {
