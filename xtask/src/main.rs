@@ -1,7 +1,8 @@
 //! `cargo xtask`: project automation for qvl.
 //!
-//! - `ci`: fmt check, clippy with `-D warnings`, the tests, the dependency
-//!   rule, and the quick benchmarks.
+//! - `ci`: fmt check, clippy with `-D warnings` (and once more for the
+//!   crates' `cuda` feature), the tests, the dependency rule, and the quick
+//!   benchmarks.
 //! - `deps`: checks that no manager crate depends on another qvl crate than
 //!   qvl-core.
 //! - `bench <phase>|all [--quick]`: runs the phase benchmarks (release build)
@@ -149,6 +150,15 @@ fn ci(args: &[String]) -> Result<()> {
         "warnings",
     ]);
     step("cargo clippy -D warnings", clippy)?;
+    // The CUDA code builds without a GPU or toolkit (the driver is loaded at
+    // run time); lint it here so it cannot rot between GPU sessions. About a
+    // minute of CPU: cudarc and three crates.
+    let mut clippy_cuda = cargo();
+    clippy_cuda
+        .arg("clippy")
+        .args(cuda_args(CUDA_PACKAGES))
+        .args(["--all-targets", "--", "-D", "warnings"]);
+    step("cargo clippy --features cuda -D warnings", clippy_cuda)?;
     deps()?;
     // One build serves the tests, the fetch and the benchmarks (see CI_PROFILE).
     let mut build = cargo();
