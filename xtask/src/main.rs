@@ -44,9 +44,10 @@ Tasks:
                           write docs/config-reference.md from the config types
                           (--check: fail if the file is out of date)
   valgrind <crate>        run the crate's tests under valgrind memcheck (e.g. `valgrind pool`)
-  gpu-check [--build-only]
+  gpu-check [--build-only | --bundle DIR]
                           build with --features cuda, run the CUDA tests and GPU bench rows;
-                          results in target/gpu-check/ (--build-only: build and clippy only)
+                          results in target/gpu-check/ (--build-only: build and clippy only;
+                          --bundle DIR: prebuilt binaries + run.sh for a GPU machine without Rust)
 ";
 
 fn main() -> Result<()> {
@@ -282,6 +283,11 @@ fn test_executables(package: &str, features: &[&str]) -> Result<Vec<PathBuf>> {
     for f in features {
         cmd.args(["--features", f]);
     }
+    executables_of(cmd, package, true)
+}
+
+/// Executables that a `cargo ... --message-format=json` build reports.
+fn executables_of(mut cmd: Command, package: &str, tests_only: bool) -> Result<Vec<PathBuf>> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run cargo test --no-run -p {package}"))?;
@@ -296,7 +302,7 @@ fn test_executables(package: &str, features: &[&str]) -> Result<Vec<PathBuf>> {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
+        if msg["reason"] == "compiler-artifact" && (!tests_only || msg["profile"]["test"] == true) {
             if let Some(exe) = msg["executable"].as_str() {
                 exes.push(PathBuf::from(exe));
             }
@@ -382,6 +388,12 @@ fn step_logged(name: &str, cmd: &Command, log: &Path) -> Result<()> {
 /// reports to `target/gpu-check/`.
 fn gpu_check(args: &[String]) -> Result<()> {
     let build_only = args.iter().any(|a| a == "--build-only");
+    if let Some(i) = args.iter().position(|a| a == "--bundle") {
+        let dir = args
+            .get(i + 1)
+            .context("--bundle needs a directory inside the repository")?;
+        return gpu_bundle(&repo_root().join(dir));
+    }
     let out = repo_root().join("target/gpu-check");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
@@ -436,6 +448,123 @@ fn gpu_check(args: &[String]) -> Result<()> {
     std::fs::write(out.join("summary.txt"), &summary)?;
     print!("{summary}");
     println!("results in {}", out.display());
+    Ok(())
+}
+
+/// The script a bundle runs on the GPU machine (see `gpu_bundle`).
+const BUNDLE_SCRIPT: &str = r#"#!/usr/bin/env bash
+# CUDA checks of qvl from prebuilt binaries (made by `cargo xtask gpu-check
+# --bundle DIR`). Usage: bash DIR/run.sh OUTDIR [--quick]. Writes at most
+# six files: nvidia-smi.txt tests.log skipped.txt bench.log pool.json
+# gpu-codec.json.
+set -u
+out="${1:?usage: run.sh OUTDIR [--quick]}"
+quick="${2:-}"
+here="$(cd "$(dirname "$0")" && pwd)"
+mkdir -p "$out"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+# cudarc binds CUDA 12 and looks for libnvrtc.so.12 or libnvrtc.so; a CUDA 13
+# image has libnvrtc.so.13 (same C API): link it under the plain name.
+if ! ldconfig -p | grep -q 'libnvrtc\.so\.12'; then
+  nv="$(ls /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -1)"
+  [ -n "$nv" ] || nv="$(find / -name 'libnvrtc.so.1[23]*' -not -path '*/proc/*' 2>/dev/null | head -1)"
+  if [ -n "$nv" ]; then
+    mkdir -p /tmp/qvl-nvrtc && ln -sf "$nv" /tmp/qvl-nvrtc/libnvrtc.so
+    export LD_LIBRARY_PATH="/tmp/qvl-nvrtc:$(dirname "$nv"):${LD_LIBRARY_PATH:-}"
+    echo "nvrtc: using $nv" >> "$out/nvidia-smi.txt"
+  fi
+fi
+status=0
+for t in "$here"/tests/*; do
+  name="$(basename "$t")"
+  filter="$(cat "$here/filters/$name" 2>/dev/null)"
+  echo "=== $name $filter" >> "$out/tests.log"
+  "$t" $filter --nocapture --test-threads=1 >> "$out/tests.log" 2>&1 || status=1
+done
+grep -h "skipped" "$out/tests.log" > "$out/skipped.txt"
+for phase in pool gpu-codec; do
+  echo "=== bench $phase" >> "$out/bench.log"
+  "$here/qvl-bench" "$phase" $quick --out "$out" >> "$out/bench.log" 2>&1 || status=1
+done
+echo "tests: $(grep -c '^test .* ok$' "$out/tests.log") ok, $(grep -c 'FAILED\|panicked' "$out/tests.log") failed lines, $(wc -l < "$out/skipped.txt") skipped lines"
+tail -40 "$out/bench.log"
+exit $status
+"#;
+
+/// Which tests of each CUDA test executable the bundle runs (a substring
+/// filter; empty: all). Keyed by the crate part of the executable's name.
+fn bundle_filter(exe_name: &str) -> &'static str {
+    if exe_name.starts_with("qvl_compress") {
+        "cuda::"
+    } else if exe_name.starts_with("qvl_cache") {
+        "gpu_store"
+    } else {
+        ""
+    }
+}
+
+/// `gpu-check --bundle DIR`: builds the CUDA test executables and the
+/// benchmark with the `cuda` feature here, strips them and puts them with
+/// `run.sh` into DIR, for a GPU machine that has no Rust toolchain (copy DIR
+/// there, run `bash DIR/run.sh OUT`).
+fn gpu_bundle(dir: &Path) -> Result<()> {
+    let tests_dir = dir.join("tests");
+    let filters = dir.join("filters");
+    for d in [&tests_dir, &filters] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut copied = Vec::new();
+    for package in CUDA_PACKAGES {
+        let mut cmd = cargo();
+        cmd.args(["test", "--no-run", "--message-format=json"])
+            .args(cuda_args(&[package]));
+        for exe in executables_of(cmd, package, true)? {
+            let name = exe
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .context("a test executable without a file name")?;
+            let crate_name = package.replace('-', "_");
+            if !(name.starts_with(&crate_name) || name.starts_with("cuda-")) {
+                continue;
+            }
+            let dest = tests_dir.join(&name);
+            std::fs::copy(&exe, &dest)
+                .with_context(|| format!("copying {} to {}", exe.display(), dest.display()))?;
+            std::fs::write(filters.join(&name), bundle_filter(&name))?;
+            copied.push(dest);
+        }
+    }
+    let mut bench = cargo();
+    bench.args(["build", "--release", "-p", "qvl-bench"]).args([
+        "--features",
+        "qvl-bench/cuda",
+        "--message-format=json",
+    ]);
+    let bench_exe = executables_of(bench, "qvl-bench", false)?
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "qvl-bench"))
+        .context("cargo built no qvl-bench binary")?;
+    let dest = dir.join("qvl-bench");
+    std::fs::copy(&bench_exe, &dest).with_context(|| format!("copying {}", bench_exe.display()))?;
+    copied.push(dest);
+    for exe in &copied {
+        // Debug info is most of a test binary's size; the bundle must travel
+        // in 64 MiB.
+        let _ = Command::new("strip").arg("--strip-debug").arg(exe).status();
+    }
+    std::fs::write(dir.join("run.sh"), BUNDLE_SCRIPT)?;
+    let total: u64 = copied
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "bundle in {}: {} executables, {:.1} MiB; on the GPU machine: bash {}/run.sh OUTDIR",
+        dir.display(),
+        copied.len(),
+        total as f64 / (1u64 << 20) as f64,
+        dir.strip_prefix(repo_root()).unwrap_or(dir).display()
+    );
     Ok(())
 }
 
