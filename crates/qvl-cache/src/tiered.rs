@@ -4,9 +4,12 @@ use crate::config::CacheConfig;
 use crate::keymap::KeyMap;
 use crate::store::HostStore;
 use crate::{PolicyKind, Result};
-use qvl_core::{Block, BlockInfo, BlockKey, BlockStore, ByteSize, CoreError, EvictionPolicy, Tier};
+use qvl_core::{
+    Block, BlockInfo, BlockKey, BlockStore, ByteSize, CoreError, EvictionPolicy, MetricEvent,
+    MetricsRecorder, Tier,
+};
 use serde::Serialize;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One level: a store and the policy that picks its victims.
 struct Level {
@@ -62,8 +65,17 @@ struct Inner {
 /// evicted from a level is demoted to the next one, and dropped from the
 /// last. Every level has its own policy instance. Thread-safe: one mutex
 /// guards the levels, so a block is in exactly one level at any time.
+///
+/// With a recorder ([`TieredCache::with_recorder`]), every lookup reports a
+/// [`MetricEvent::CacheLookup`] per level it probed, fastest first: a miss
+/// for each level that did not hold the block, a hit for the one that did.
+/// A level's hit ratio is then the share of the lookups reaching it that it
+/// served. Events are sent after the lock is released.
 pub struct TieredCache {
     inner: Mutex<Inner>,
+    /// The tier of each level, fastest first (fixed at construction).
+    tiers: Vec<Tier>,
+    recorder: Option<Arc<dyn MetricsRecorder>>,
 }
 
 impl TieredCache {
@@ -80,12 +92,40 @@ impl TieredCache {
             hits: vec![0; levels.len()],
             ..CacheStats::default()
         };
+        let tiers = levels.iter().map(|l| l.store.tier()).collect();
         TieredCache {
             inner: Mutex::new(Inner {
                 levels,
                 infos: KeyMap::default(),
                 stats,
             }),
+            tiers,
+            recorder: None,
+        }
+    }
+
+    /// The same cache, reporting lookups to `recorder` (see the type docs).
+    pub fn with_recorder(mut self, recorder: Arc<dyn MetricsRecorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// Sets or clears the recorder that lookups are reported to.
+    pub fn set_recorder(&mut self, recorder: Option<Arc<dyn MetricsRecorder>>) {
+        self.recorder = recorder;
+    }
+
+    /// Reports a lookup answered by `level` (None: a miss everywhere).
+    fn record_lookup(&self, level: Option<usize>) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let probed = level.map_or(self.tiers.len(), |l| l + 1);
+        for (i, tier) in self.tiers[..probed].iter().enumerate() {
+            recorder.record(&MetricEvent::CacheLookup {
+                tier: *tier,
+                hit: Some(i) == level,
+            });
         }
     }
 
@@ -119,7 +159,7 @@ impl TieredCache {
 
     /// The tiers of the levels, fastest first.
     pub fn tiers(&self) -> Vec<Tier> {
-        self.lock().levels.iter().map(|l| l.store.tier()).collect()
+        self.tiers.clone()
     }
 
     /// Stores `block` in the first level that can hold it, demoting what it
@@ -139,18 +179,9 @@ impl TieredCache {
     /// Like [`TieredCache::get`], with the index of the level that held the
     /// block (0 = fastest) before its promotion.
     pub fn lookup(&self, key: &BlockKey) -> Result<Option<(usize, Block)>> {
-        let mut inner = self.lock();
-        inner.stats.lookups += 1;
-        let Some((level, block)) = inner.find(key)? else {
-            return Ok(None);
-        };
-        inner.stats.hits[level] += 1;
-        if level == 0 {
-            inner.levels[0].policy.on_access(*key);
-        } else {
-            inner.promote(level, block.clone())?;
-        }
-        Ok(Some((level, block)))
+        let found = self.lock().lookup(key)?;
+        self.record_lookup(found.as_ref().map(|(level, _)| *level));
+        Ok(found)
     }
 
     /// Prefetch hint: the blocks a request is about to read (its prefix
@@ -216,6 +247,20 @@ impl TieredCache {
 }
 
 impl Inner {
+    fn lookup(&mut self, key: &BlockKey) -> Result<Option<(usize, Block)>> {
+        self.stats.lookups += 1;
+        let Some((level, block)) = self.find(key)? else {
+            return Ok(None);
+        };
+        self.stats.hits[level] += 1;
+        if level == 0 {
+            self.levels[0].policy.on_access(*key);
+        } else {
+            self.promote(level, block.clone())?;
+        }
+        Ok(Some((level, block)))
+    }
+
     fn find(&self, key: &BlockKey) -> Result<Option<(usize, Block)>> {
         for (i, level) in self.levels.iter().enumerate() {
             if level.store.contains(key) {
@@ -438,5 +483,57 @@ mod tests {
             .count();
         assert_eq!(used, held as u64 * 100);
         assert_eq!(c.stats().lookups, 800);
+    }
+
+    /// Collects every event it is given.
+    #[derive(Default)]
+    struct Events(Mutex<Vec<(Tier, bool)>>);
+
+    impl MetricsRecorder for Events {
+        fn record(&self, event: &MetricEvent) {
+            if let MetricEvent::CacheLookup { tier, hit } = event {
+                self.0.lock().unwrap().push((*tier, *hit));
+            }
+        }
+    }
+
+    #[test]
+    fn lookups_report_a_hit_or_miss_per_level_probed() {
+        let events = Arc::new(Events::default());
+        let c = three_levels(PolicyKind::Lru).with_recorder(events.clone());
+        for id in 0..9 {
+            c.put(block(id, 100), info()).unwrap();
+        }
+        // Puts are not lookups.
+        assert!(events.0.lock().unwrap().is_empty());
+        let in_l1 = BlockKey::from_id(8);
+        let in_l3 = BlockKey::from_id(0);
+        assert_eq!(c.level_of(&in_l3), Some(2));
+        c.get(&in_l1).unwrap().unwrap();
+        c.get(&in_l3).unwrap().unwrap();
+        assert!(c.get(&BlockKey::from_id(99)).unwrap().is_none());
+        let (gpu, ram, ssd) = (Tier::Gpu, Tier::HostRam, Tier::Ssd);
+        assert_eq!(
+            *events.0.lock().unwrap(),
+            vec![
+                (gpu, true),
+                (gpu, false),
+                (ram, false),
+                (ssd, true),
+                (gpu, false),
+                (ram, false),
+                (ssd, false),
+            ]
+        );
+        // The events agree with the cache's own counters.
+        let s = c.stats();
+        let hits = events.0.lock().unwrap().iter().filter(|e| e.1).count() as u64;
+        assert_eq!(hits, s.hits.iter().sum::<u64>());
+
+        // Without a recorder nothing is sent; a recorder can be cleared.
+        let mut quiet = three_levels(PolicyKind::Lru).with_recorder(events.clone());
+        quiet.set_recorder(None);
+        quiet.get(&in_l1).unwrap();
+        assert_eq!(events.0.lock().unwrap().len(), 7);
     }
 }
