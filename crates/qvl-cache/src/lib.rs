@@ -21,6 +21,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub mod analysis;
 mod config;
 mod error;
 #[cfg(feature = "cuda")]
