@@ -1,5 +1,6 @@
 //! `qvl cache replay`: hit ratios of eviction policies on a block trace.
 use anyhow::{bail, Context, Result};
+use qvl_cache::analysis::{horizon_bound, Features};
 use qvl_cache::trace::{self, Capacity, LevelCosts, ReplayPolicy, Trace};
 use std::path::Path;
 use std::process::ExitCode;
@@ -67,31 +68,56 @@ pub fn replay(args: ReplayArgs<'_>) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>10} {:>9} {:<12} {:>10} {:>9} {:>10}",
-        "capacity", "blocks", "policy", "hits", "hit ratio", "vs lru"
+        "{:>10} {:>9} {:<12} {:>10} {:>9} {:>10} {:>10}",
+        "capacity", "blocks", "policy", "hits", "hit ratio", "vs lru", "gap closed"
     );
+    let ratio_of = |fraction: &Option<f64>, blocks: usize, policy: &str| {
+        rows.iter()
+            .find(|(f, r)| f == fraction && r.capacity_blocks == blocks && r.policy == policy)
+            .map_or(f64::NAN, |(_, r)| r.hit_ratio())
+    };
     for (fraction, s) in &rows {
-        let lru = rows
-            .iter()
-            .find(|(f, r)| {
-                f == fraction && r.capacity_blocks == s.capacity_blocks && r.policy == "lru"
-            })
-            .map_or(f64::NAN, |(_, r)| r.hit_ratio());
+        let lru = ratio_of(fraction, s.capacity_blocks, "lru");
+        let belady = ratio_of(fraction, s.capacity_blocks, "belady");
         let cap = fraction.map_or_else(
             || s.capacity_blocks.to_string(),
             |f| format!("{}%", f * 100.0),
         );
         println!(
-            "{:>10} {:>9} {:<12} {:>10} {:>9.4} {:>9.3}x",
+            "{:>10} {:>9} {:<12} {:>10} {:>9.4} {:>9.3}x {:>10.3}",
             cap,
             s.capacity_blocks,
             s.policy,
             s.hits,
             s.hit_ratio(),
-            s.hit_ratio() / lru
+            s.hit_ratio() / lru,
+            (s.hit_ratio() - lru) / (belady - lru)
+        );
+    }
+    // What any policy deciding by such classes could reach, knowing their
+    // statistics in hindsight: the ceiling for online class-based policies.
+    println!("gap closed: share of the LRU-to-Belady gap. Bound of policies that decide by block classes, with hindsight on the classes' reuse statistics:");
+    for cap in &capacities {
+        let blocks = cap.blocks(unique);
+        let bounds: Vec<String> = [Features::Structure, Features::RequestShape]
+            .iter()
+            .map(|f| format!("{f:?} {:.4}", horizon_bound(&accesses, *f, blocks)))
+            .collect();
+        println!(
+            "{:>10} {:>9} {}",
+            cap_label(*cap),
+            blocks,
+            bounds.join(", ")
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cap_label(cap: Capacity) -> String {
+    match cap {
+        Capacity::Fraction(f) => format!("{}%", f * 100.0),
+        Capacity::Blocks(n) => n.to_string(),
+    }
 }
 
 /// Three levels sized 1x, 4x and 15x the capacity (L1 GPU, L2 RAM, L3 SSD).
