@@ -13,11 +13,17 @@
 //!   sum and never exceeds `B`.
 //! - Prefetch: attention walks layer `l`'s blocks in order, and the
 //!   decoder reaches layer `l + 1` (or layer 0 of the next step) right
-//!   after. So the first read of layer `l` queues reads of layer `l + 1`'s
-//!   swapped chunks, as many as the window holds, topped up as they are
-//!   consumed; the I/O threads read and decode them while the CPU runs
-//!   attention and the MLP. A chunk not staged in time is read on demand
-//!   (urgent, ahead of prefetches), and the wait is counted as a stall.
+//!   after. So the first read of layer `l` plans the swapped chunks of the
+//!   layers after it, as many layers ahead as the window holds (at least
+//!   one), and queues them as the window has room, in batches of up to
+//!   one merged read (1 MiB of neighbouring chunks): the I/O threads read,
+//!   verify and convert them while the CPU runs attention and the MLP. A
+//!   chunk not staged in time is read on demand (urgent, ahead of
+//!   prefetches), and the wait is counted as a stall.
+//! - Layout: swap-out writes each layer's chunks to that layer's stream
+//!   of the swap file, as bare records (payload only, the checksum in the
+//!   store's index), so a layer's chunks of consecutive blocks sit back to
+//!   back and a layer's swap-in is a few 1 MiB reads.
 //! - The newest block (the one decode writes into) is never a victim. A
 //!   write into a swapped block loads it back first, so the copy on SSD
 //!   and the chunks staged from it never disagree with RAM.
@@ -83,8 +89,10 @@ struct Prefetch {
     staged: HashMap<(usize, usize), Ticket<Chunk>>,
     staged_bytes: usize,
     plan: VecDeque<(usize, usize)>,
-    /// The layer whose successor was last planned.
-    planned_after: Option<usize>,
+    /// The layer attention reads now (the last one a chunk was read of).
+    current: Option<usize>,
+    /// The furthest layer whose chunks are in the plan.
+    planned_to: Option<usize>,
 }
 
 /// A [`KvBlockStorage`] that keeps at most a RAM budget of blocks and swaps
@@ -144,25 +152,30 @@ impl KvSwapMonitor {
     }
 }
 
-/// Little-endian f32 bytes into `out` (`bytes.len() == 4 * out.len()`):
-/// one memcpy on little-endian machines, since every bit pattern is a
-/// valid f32.
-fn le_bytes_to_f32(bytes: &[u8], out: &mut [f32]) {
-    debug_assert_eq!(bytes.len(), out.len() * 4);
-    let n = out.len().min(bytes.len() / 4);
+/// Little-endian f32 bytes as a new vector (`bytes.len() / 4` values):
+/// one memcpy into fresh capacity on little-endian machines (no zeroing
+/// pass first), since every bit pattern is a valid f32.
+fn le_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
+    let n = bytes.len() / 4;
+    let mut out: Vec<f32> = Vec::with_capacity(n);
     #[cfg(target_endian = "little")]
     {
-        // SAFETY: out has room for n f32 (4n bytes), bytes holds at least
-        // 4n bytes, the two do not overlap (one is borrowed mutably), and
-        // any 4 bytes are a valid little-endian f32 on this target.
+        // SAFETY: out has capacity for n f32 (4n bytes), bytes holds at
+        // least 4n bytes, the two do not overlap (out is a new allocation),
+        // and any 4 bytes are a valid little-endian f32 on this target, so
+        // after the copy the first n elements are initialized.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), 4 * n)
-        };
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), 4 * n);
+            out.set_len(n);
+        }
     }
     #[cfg(not(target_endian = "little"))]
-    for (dst, src) in out[..n].iter_mut().zip(bytes.chunks_exact(4)) {
-        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
-    }
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    );
+    out
 }
 
 fn swap_err(what: &str, e: SwapError) -> ModelError {
@@ -282,8 +295,6 @@ impl SwappingKvStorage {
             self.layout.head_dim,
         ];
         Arc::new(move |_meta, id, payload| {
-            let mut keys = vec![0f32; half];
-            let mut values = vec![0f32; half];
             if id == CodecId::RAW {
                 if payload.len() != 8 * half {
                     return Err(SwapError::InvalidConfig(format!(
@@ -293,9 +304,7 @@ impl SwappingKvStorage {
                     )));
                 }
                 let (k, v) = payload.split_at(4 * half);
-                le_bytes_to_f32(k, &mut keys);
-                le_bytes_to_f32(v, &mut values);
-                return Ok((keys, values));
+                return Ok((le_bytes_to_f32(k), le_bytes_to_f32(v)));
             }
             let Some(codec) = codec.as_ref().filter(|c| c.id() == id) else {
                 return Err(SwapError::InvalidConfig(format!(
@@ -306,9 +315,8 @@ impl SwappingKvStorage {
             codec
                 .decode(payload, &shape, &mut both)
                 .map_err(|e| SwapError::InvalidConfig(format!("decoding a chunk: {e}")))?;
-            keys.copy_from_slice(&both[..half]);
-            values.copy_from_slice(&both[half..]);
-            Ok((keys, values))
+            let values = both.split_off(half);
+            Ok((both, values))
         })
     }
 
@@ -422,11 +430,14 @@ impl SwappingKvStorage {
     /// batch so that neighbouring chunks are read together.
     fn pump(&self, p: &mut Prefetch) {
         let chunk = self.chunk_bytes();
-        // Wait for room for a quarter of the window (up to 16 chunks)
-        // while reads are still staged: fewer, longer reads, yet several
-        // in flight.
+        // While reads are still staged, wait for room for one merged read
+        // (1 MiB of neighbouring chunks) or half the window if that is
+        // smaller: fewer, longer reads (the disk streams 1 MiB requests
+        // several times faster than 32 KiB ones), yet more than one in
+        // flight.
         let window = self.staging_cap / chunk;
-        let min_batch = (window / 4).clamp(1, 16);
+        let per_read = (qvl_swap::MAX_MERGED_READ / chunk).max(1);
+        let min_batch = per_read.min(window / 2).max(1);
         let room = (self.staging_cap - p.staged_bytes.min(self.staging_cap)) / chunk;
         if room < min_batch && !p.staged.is_empty() {
             return;
@@ -462,6 +473,31 @@ impl SwappingKvStorage {
         self.note_ram(p.staged_bytes);
     }
 
+    /// Plans the swapped chunks of the layers after `layer`, as many
+    /// layers ahead as the prefetch window holds (at least one), so that a
+    /// layer's reads run while the layers before it compute; entries of
+    /// layers already passed are dropped (they would fill the window with
+    /// chunks wanted only at the next step).
+    fn plan_ahead(&self, p: &mut Prefetch, layer: usize) {
+        let layers = self.layout.layers;
+        let swapped: Vec<usize> = self.swapped_indices().collect();
+        let window = self.staging_cap / self.chunk_bytes();
+        let ahead = window
+            .div_ceil(swapped.len().max(1))
+            .clamp(1, layers.saturating_sub(1).max(1));
+        let dist = |to: usize| (to + layers - layer) % layers;
+        p.plan.retain(|&(_, l)| dist(l) <= ahead);
+        let from = match p.planned_to {
+            Some(t) if (1..=ahead).contains(&dist(t)) => dist(t) + 1,
+            _ => 1,
+        };
+        for d in from..=ahead {
+            let l = (layer + d) % layers;
+            p.plan.extend(swapped.iter().map(|&i| (i, l)));
+        }
+        p.planned_to = Some((layer + ahead) % layers);
+    }
+
     fn swapped_indices(&self) -> impl Iterator<Item = usize> + '_ {
         self.slots
             .iter()
@@ -473,14 +509,11 @@ impl SwappingKvStorage {
     /// Reads one swapped chunk: from the prefetch window if it is there,
     /// on demand otherwise; plans and tops up the prefetches.
     fn fetch_chunk(&self, index: usize, uid: u64, layer: usize) -> Result<Chunk> {
-        let layers = self.layout.layers;
         let ticket = {
             let mut p = lock(&self.prefetch);
-            if p.planned_after != Some(layer) {
-                p.planned_after = Some(layer);
-                let next = (layer + 1) % layers;
-                let plan: Vec<_> = self.swapped_indices().map(|i| (i, next)).collect();
-                p.plan.extend(plan);
+            if p.current != Some(layer) {
+                p.current = Some(layer);
+                self.plan_ahead(&mut p, layer);
             }
             let staged = p.staged.remove(&(index, layer));
             if staged.is_some() {

@@ -65,6 +65,129 @@ pub fn sequential_read_bandwidth(dir: &Path, bytes: usize, reps: usize) -> Resul
     Ok((bw, mode))
 }
 
+/// A file of known size on the swap directory's disk, read sequentially
+/// with O_DIRECT in passes that can be interleaved with the work being
+/// measured (so that load on a shared machine hits both alike).
+///
+/// A pass reads `bytes` from where the last pass stopped (wrapping at the
+/// end of the file) in `request`-byte requests, with `depth` requests in
+/// flight (one thread per request slot taking the next offset in turn):
+/// the same request size and queue depth semantics as the swap store's
+/// merged reads on its `max_inflight` I/O threads. Its time is the pass's
+/// wall time, during which the disk always has a request outstanding, the
+/// counterpart of the store's busy time (the union of the times its reads
+/// were in flight).
+pub struct SequentialProbe {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    len: u64,
+    cursor: std::sync::atomic::AtomicU64,
+}
+
+impl SequentialProbe {
+    /// Writes a `bytes`-long file (rounded up to 1 MiB) in `dir` with
+    /// O_DIRECT and syncs it. O_DIRECT is required: a buffered baseline
+    /// would measure the page cache.
+    pub fn create(dir: &Path, bytes: u64) -> Result<SequentialProbe> {
+        crate::dir::prepare_directory(dir)?;
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = dir.join(format!(
+            "qvl-seq-probe-{}-{}.tmp",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        const IO: u64 = 1 << 20;
+        let len = bytes.div_ceil(IO).max(1) * IO;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .map_err(|e| SwapError::io("creating the probe file with O_DIRECT", &path, e))?;
+        let probe = SequentialProbe {
+            path,
+            file,
+            len,
+            cursor: std::sync::atomic::AtomicU64::new(0),
+        };
+        let mut buf = AlignedBuf::zeroed(IO as usize);
+        for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+            *b = (i * 131 % 251) as u8;
+        }
+        for off in (0..len).step_by(IO as usize) {
+            probe
+                .file
+                .write_all_at(buf.as_slice(), off)
+                .map_err(|e| SwapError::io("writing the probe file", &probe.path, e))?;
+        }
+        probe
+            .file
+            .sync_all()
+            .map_err(|e| SwapError::io("syncing the probe file", &probe.path, e))?;
+        Ok(probe)
+    }
+
+    /// Bytes of the file.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty (never: at least 1 MiB).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// One pass: reads `bytes` (rounded up to whole requests) sequentially
+    /// with `request`-byte requests (a multiple of 4 KiB), `depth` in
+    /// flight. Returns the bytes read and the seconds taken.
+    pub fn read_pass(&self, bytes: u64, request: usize, depth: usize) -> Result<(u64, f64)> {
+        use std::sync::atomic::Ordering;
+        let request = (request.div_ceil(crate::format::PAGE).max(1) * crate::format::PAGE) as u64;
+        let request = request.min(self.len);
+        let count = bytes.div_ceil(request).max(1);
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let start_at = self.cursor.load(Ordering::Relaxed);
+        let slots = (self.len / request).max(1);
+        let t = Instant::now();
+        let failed: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..depth.clamp(1, count as usize) {
+                scope.spawn(|| {
+                    crate::engine::raise_io_priority();
+                    let mut buf = AlignedBuf::zeroed(request as usize);
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            break;
+                        }
+                        let off = ((start_at / request + i) % slots) * request;
+                        if let Err(e) = self.file.read_exact_at(buf.as_mut_slice(), off) {
+                            *crate::extent::lock(&failed) = Some(e);
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let secs = t.elapsed().as_secs_f64();
+        if let Some(e) = crate::extent::lock(&failed).take() {
+            return Err(SwapError::io("reading the probe file", &self.path, e));
+        }
+        let done = count * request;
+        self.cursor
+            .store(((start_at / request + count) % slots) * request, Ordering::Relaxed);
+        Ok((done, secs))
+    }
+}
+
+impl Drop for SequentialProbe {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +197,28 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (bw, _) = sequential_read_bandwidth(tmp.path(), 2 << 20, 1).unwrap();
         assert!(bw > 0.0);
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn probe_passes_wrap_around_and_the_file_goes_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let probe = match SequentialProbe::create(tmp.path(), 3 << 20) {
+            Ok(p) => p,
+            // tmpfs and some others refuse O_DIRECT: nothing to measure.
+            Err(e) => {
+                assert!(e.to_string().contains("O_DIRECT"), "{e}");
+                return;
+            }
+        };
+        assert_eq!(probe.len(), 3 << 20);
+        // 5 MiB from a 3 MiB file: wraps; 4 in flight.
+        let (bytes, secs) = probe.read_pass(5 << 20, 1 << 20, 4).unwrap();
+        assert_eq!(bytes, 5 << 20);
+        assert!(secs > 0.0);
+        let (bytes, _) = probe.read_pass(1000, 256 << 10, 1).unwrap();
+        assert_eq!(bytes, 256 << 10);
+        drop(probe);
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 }

@@ -339,7 +339,8 @@ fn async_reads_decode_on_the_io_threads() {
         .read_async(&BlockKey::from_id(99), true, sum)
         .is_none());
     let e = store.stats().engine;
-    assert_eq!(e.ops as usize, 10 + 1, "10 reads and one batched write");
+    assert_eq!(e.ops, 10, "10 reads");
+    assert_eq!(e.write_ops, 1, "one batched write, counted apart");
     assert!(e.busy_secs > 0.0 && e.bytes > 0);
 }
 
@@ -392,6 +393,124 @@ fn streamed_records_merge_into_long_reads_and_a_bad_one_fails_alone() {
         1,
         "six neighbours, one read"
     );
+}
+
+/// Streamed (bare) records: a layer's chunks tile long reads with nothing
+/// between them, and every read, single or merged, checks the checksum
+/// the index holds: a torn record (a page of zeros, as a write cut short
+/// would leave), another block's record copied over (stale or misplaced
+/// bytes) and a flipped bit all fail, every time they are read.
+#[test]
+fn bare_streamed_records_tile_reads_and_fail_torn_or_misplaced_bytes_on_every_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = SsdStore::open(&SwapConfig {
+        capacity_bytes: 16 << 20,
+        ..config(tmp.path(), IoMode::Auto)
+    })
+    .unwrap();
+    let chunk = 8 * PAGE; // 32 KiB: a KV chunk of 16 tokens x 2 x 128 f32 heads
+    let blocks: Vec<(u32, Block)> = (0..40u64).map(|i| (7, block(i, chunk))).collect();
+    store.put_streamed(blocks.clone()).unwrap();
+    let offsets: Vec<u64> = blocks
+        .iter()
+        .map(|(_, b)| store.record_offset(&b.key).unwrap())
+        .collect();
+    for w in offsets.windows(2) {
+        assert_eq!(w[1] - w[0], chunk as u64, "no header page between chunks");
+    }
+    // 40 chunks of 32 KiB: two merged reads (1 MiB and 256 KiB).
+    let copy: qvl_swap::Decoder<Vec<u8>> = Arc::new(|_, _, p| Ok(p.to_vec()));
+    let keys: Vec<BlockKey> = blocks.iter().map(|(_, b)| b.key).collect();
+    let ops = store.stats().engine.ops;
+    for (t, (_, b)) in store
+        .read_many_async(&keys, false, Arc::clone(&copy))
+        .into_iter()
+        .zip(&blocks)
+    {
+        assert_eq!(t.unwrap().wait().unwrap(), &b.data[..]);
+    }
+    assert_eq!(store.stats().engine.ops - ops, 2);
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(store.path())
+        .unwrap();
+    // Torn: the second page of chunk 3 is zeros.
+    f.write_all_at(&vec![0u8; PAGE], offsets[3] + PAGE as u64)
+        .unwrap();
+    // Misplaced: chunk 5's bytes over chunk 6.
+    let mut five = vec![0u8; chunk];
+    f.read_exact_at(&mut five, offsets[5]).unwrap();
+    f.write_all_at(&five, offsets[6]).unwrap();
+    // A flipped bit in chunk 9.
+    f.sync_all().unwrap();
+    corrupt_byte(store.path(), offsets[9] + 12345);
+    let bad = [3usize, 6, 9];
+    for round in 1..=2u64 {
+        // Merged reads: the damaged chunks fail alone.
+        let tickets = store.read_many_async(&keys, false, Arc::clone(&copy));
+        for (i, t) in tickets.into_iter().enumerate() {
+            let got = t.unwrap().wait();
+            if bad.contains(&i) {
+                let e = got.unwrap_err().to_string();
+                assert!(e.contains("checksum mismatch"), "{e}");
+            } else {
+                assert_eq!(got.unwrap(), &blocks[i].1.data[..]);
+            }
+        }
+        // Single reads too.
+        for &i in &bad {
+            let e = store.get(&keys[i]).unwrap_err().to_string();
+            assert!(e.contains("checksum mismatch"), "{e}");
+        }
+        assert_eq!(store.stats().integrity_failures, 6 * round);
+    }
+}
+
+/// Streamed records rewritten while other threads read them: a reader
+/// sees some whole version of the key it asked for, never a torn or
+/// recycled one (a record is published only once written, and a replaced
+/// one's pages are reused only after the reads of it finish).
+#[test]
+fn streamed_rewrites_under_concurrent_merged_reads_never_tear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(SsdStore::open(&config(tmp.path(), IoMode::Auto)).unwrap());
+    let keys: Vec<BlockKey> = (0..8).map(BlockKey::from_id).collect();
+    let meta = TensorMeta::new(vec![2 * PAGE], DType::U8, TensorKind::KvCache);
+    let version = |k: BlockKey, v: u8| Block::raw(k, meta.clone(), vec![v; 2 * PAGE]);
+    store
+        .put_streamed(keys.iter().map(|&k| (0, version(k, 0))).collect())
+        .unwrap();
+    let copy: qvl_swap::Decoder<Vec<u8>> = Arc::new(|_, _, p| Ok(p.to_vec()));
+    std::thread::scope(|s| {
+        let writer = Arc::clone(&store);
+        let keys_w = keys.clone();
+        s.spawn(move || {
+            for v in 1..40u8 {
+                let batch = keys_w
+                    .iter()
+                    .filter(|k| (k.0 + u128::from(v)) % 3 == 0)
+                    .map(|&k| (u32::from(v % 2), version(k, v)))
+                    .collect();
+                writer.put_streamed(batch).unwrap();
+            }
+        });
+        for _ in 0..2 {
+            let store = Arc::clone(&store);
+            let keys = keys.clone();
+            let copy = Arc::clone(&copy);
+            s.spawn(move || {
+                for _ in 0..60 {
+                    for t in store.read_many_async(&keys, false, Arc::clone(&copy)) {
+                        let got = t.expect("keys are never removed").wait().unwrap();
+                        assert!(got.iter().all(|&x| x == got[0]), "torn chunk");
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(store.stats().integrity_failures, 0);
 }
 
 /// Crash consistency: a process writing to its swap space is killed with
