@@ -255,8 +255,10 @@ fn sweep(
     let mut runs = Vec::new();
     for &div in divisors {
         runs.push(
-            measure(decoder, layout, context, steps, kv_bytes, div, swap_dir, &probe)
-                .with_context(|| format!("{model}: decode with a KV budget of 1/{div}"))?,
+            measure(
+                decoder, layout, context, steps, kv_bytes, div, swap_dir, &probe,
+            )
+            .with_context(|| format!("{model}: decode with a KV budget of 1/{div}"))?,
         );
     }
     Ok(Sweep {

@@ -176,8 +176,10 @@ impl SequentialProbe {
             return Err(SwapError::io("reading the probe file", &self.path, e));
         }
         let done = count * request;
-        self.cursor
-            .store(((start_at / request + count) % slots) * request, Ordering::Relaxed);
+        self.cursor.store(
+            ((start_at / request + count) % slots) * request,
+            Ordering::Relaxed,
+        );
         Ok((done, secs))
     }
 }
