@@ -72,6 +72,9 @@ pub struct KvSwapStats {
     pub demand_reads: u64,
     /// Seconds attention waited for chunk reads.
     pub stall_secs: f64,
+    /// Seconds spent serving reads of swapped chunks on the caller's
+    /// thread, waits included (planning, queueing, taking staged chunks).
+    pub fetch_secs: f64,
     /// The SSD store's counters.
     pub store: StoreStats,
 }
@@ -123,6 +126,7 @@ struct Counters {
     prefetch_hits: AtomicU64,
     demand_reads: AtomicU64,
     stall_ns: AtomicU64,
+    fetch_ns: AtomicU64,
 }
 
 /// Reads a [`SwappingKvStorage`]'s counters after it was moved into a
@@ -147,6 +151,7 @@ impl KvSwapMonitor {
             prefetch_hits: get(&c.prefetch_hits),
             demand_reads: get(&c.demand_reads),
             stall_secs: get(&c.stall_ns) as f64 * 1e-9,
+            fetch_secs: get(&c.fetch_ns) as f64 * 1e-9,
             store: self.store.stats(),
         }
     }
@@ -509,6 +514,7 @@ impl SwappingKvStorage {
     /// Reads one swapped chunk: from the prefetch window if it is there,
     /// on demand otherwise; plans and tops up the prefetches.
     fn fetch_chunk(&self, index: usize, uid: u64, layer: usize) -> Result<Chunk> {
+        let entered = Instant::now();
         let ticket = {
             let mut p = lock(&self.prefetch);
             if p.current != Some(layer) {
@@ -557,6 +563,8 @@ impl SwappingKvStorage {
         } else {
             c.demand_reads.fetch_add(1, Ordering::Relaxed);
         }
+        c.fetch_ns
+            .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(chunk)
     }
 

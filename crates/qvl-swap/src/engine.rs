@@ -284,30 +284,7 @@ impl IoEngine {
     }
 }
 
-/// Nice value the I/O threads ask for. They use little CPU (a read, a
-/// checksum and a copy per request) but sit on the decode's critical path:
-/// on a busy machine, a read that completed waits for its thread to be
-/// scheduled before attention can use it. A negative nice needs
-/// CAP_SYS_NICE; without it the threads keep the default priority.
-pub const IO_THREAD_NICE: i32 = -5;
-
-/// Raises the calling thread's priority to [`IO_THREAD_NICE`] where
-/// allowed; returns whether it was. (The sequential-read probe's threads
-/// call it too, so that a baseline measured beside the decode runs under
-/// the same scheduling as the swap reads.)
-pub fn raise_io_priority() -> bool {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    // SAFETY: setpriority only reads its arguments; on Linux PRIO_PROCESS
-    // with a thread id sets that thread's nice value.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, IO_THREAD_NICE) };
-    rc == 0
-}
-
 fn worker(s: Arc<Shared>) {
-    if !raise_io_priority() {
-        tracing::debug!("swap I/O thread keeps the default priority (no CAP_SYS_NICE)");
-    }
     let clock = IoClock {
         shared: Arc::clone(&s),
     };

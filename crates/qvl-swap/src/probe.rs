@@ -155,7 +155,6 @@ impl SequentialProbe {
         std::thread::scope(|scope| {
             for _ in 0..depth.clamp(1, count as usize) {
                 scope.spawn(|| {
-                    crate::engine::raise_io_priority();
                     let mut buf = AlignedBuf::zeroed(request as usize);
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
