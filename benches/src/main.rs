@@ -7,6 +7,7 @@
 
 mod cache;
 mod compress;
+mod e2e;
 mod gc;
 mod gpu_codec;
 mod metrics;
@@ -76,6 +77,11 @@ const PHASES: &[(&str, &str, Option<PhaseFn>)] = &[
         Some(gc::run),
     ),
     ("metrics", "cost per recorded event", Some(metrics::run)),
+    (
+        "e2e",
+        "Qwen3-VL with an image and SmolLM2: all phases off, lossless, all on",
+        Some(e2e::run),
+    ),
 ];
 
 fn main() -> Result<()> {

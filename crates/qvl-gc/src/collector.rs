@@ -3,6 +3,7 @@
 use crate::reclaim::{MemoryUsage, ReclaimClass, ReclaimGoal, ReclaimHint, Reclaimable};
 use crate::registry::{Forecast, TensorRegistry};
 use crate::{GcConfig, GcError, Result};
+use qvl_core::{MetricEvent, MetricsRecorder};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::thread::JoinHandle;
@@ -88,6 +89,8 @@ pub struct Collector {
     pressure_collections: AtomicU64,
     released_bytes: AtomicU64,
     gc_time_ns: AtomicU64,
+    /// Where every collection is reported as a [`MetricEvent::GcRun`].
+    recorder: RwLock<Option<Arc<dyn MetricsRecorder>>>,
 }
 
 impl std::fmt::Debug for Collector {
@@ -123,7 +126,17 @@ impl Collector {
             pressure_collections: AtomicU64::new(0),
             released_bytes: AtomicU64::new(0),
             gc_time_ns: AtomicU64::new(0),
+            recorder: RwLock::new(None),
         }))
+    }
+
+    /// Reports every collection from now on to `recorder` as a
+    /// [`MetricEvent::GcRun`] (bytes given back, time it took).
+    pub fn set_recorder(&self, recorder: Arc<dyn MetricsRecorder>) {
+        *self
+            .recorder
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(recorder);
     }
 
     /// The config.
@@ -321,6 +334,17 @@ impl Collector {
         self.released_bytes.fetch_add(released, Ordering::Relaxed);
         self.gc_time_ns
             .fetch_add(duration.as_nanos() as u64, Ordering::Relaxed);
+        if let Some(r) = self
+            .recorder
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            r.record(&MetricEvent::GcRun {
+                freed: released,
+                pause: duration,
+            });
+        }
         Some(CollectionReport {
             trigger,
             goal,
@@ -416,5 +440,45 @@ impl Drop for CollectorThread {
             // A panicked collector thread has nothing left to clean up.
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CachingAllocator, TensorRegistry};
+    use qvl_core::{AllocRequest, BufferAllocator, TensorKind};
+    use std::sync::Mutex as StdMutex;
+
+    #[derive(Default)]
+    struct Runs(StdMutex<Vec<(u64, Duration)>>);
+
+    impl MetricsRecorder for Runs {
+        fn record(&self, event: &MetricEvent) {
+            if let MetricEvent::GcRun { freed, pause } = event {
+                self.0.lock().unwrap().push((*freed, *pause));
+            }
+        }
+    }
+
+    #[test]
+    fn every_collection_is_recorded_with_what_it_freed() {
+        let config = GcConfig::default();
+        let gc = Collector::new(config.clone(), Arc::new(TensorRegistry::new(&config))).unwrap();
+        let pool = Arc::new(CachingAllocator::new());
+        gc.register(pool.clone());
+        let runs = Arc::new(Runs::default());
+        gc.set_recorder(runs.clone());
+        drop(
+            pool.allocate(&AllocRequest::bytes(1 << 20, TensorKind::Activation))
+                .unwrap(),
+        );
+        let report = gc.collect(Trigger::Manual).unwrap();
+        gc.collect(Trigger::Manual).unwrap();
+        let runs = runs.0.lock().unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0], (report.released_bytes, report.duration));
+        assert!(runs[0].0 >= 1 << 20, "{runs:?}");
+        assert_eq!(runs[1].0, 0);
     }
 }

@@ -51,6 +51,9 @@ pub struct PoolingConfig {
     pub max_pool_size: ByteSize,
     /// Pools of fixed-size slabs for tensors of one kind and shape, by name.
     pub specialized_pools: BTreeMap<String, SpecializedPool>,
+    /// The pool's own time (KV block takes and returns) as a share of decode
+    /// step time above which the phase is switched off mid-run, in (0, 1].
+    pub overhead_budget: f64,
 }
 
 impl Default for PoolingConfig {
@@ -80,6 +83,7 @@ impl Default for PoolingConfig {
             enabled: true,
             max_pool_size: ByteSize::gib(2),
             specialized_pools,
+            overhead_budget: 0.05,
         }
     }
 }
@@ -129,6 +133,10 @@ pub struct CachingConfig {
     pub ssd_cache_size: ByteSize,
     /// How each level picks victims.
     pub eviction_policy: CachePolicy,
+    /// The prefix cache's own time (lookups, block imports and exports) as a
+    /// share of the request's time above which the phase is switched off for
+    /// the following requests, in (0, 1].
+    pub overhead_budget: f64,
 }
 
 impl Default for CachingConfig {
@@ -139,6 +147,7 @@ impl Default for CachingConfig {
             cpu_cache_size: ByteSize::gib(2),
             ssd_cache_size: ByteSize::gib(16),
             eviction_policy: CachePolicy::Predictive,
+            overhead_budget: 0.1,
         }
     }
 }
@@ -171,6 +180,9 @@ pub struct CompressionConfig {
     pub svd_rank_ratio: f64,
     /// Largest relative Frobenius error a chosen encoding may have.
     pub error_budget: f64,
+    /// Time spent encoding and decoding KV blocks as a share of decode step
+    /// time above which the KV cache goes back to f32 mid-run, in (0, 1].
+    pub overhead_budget: f64,
 }
 
 impl Default for CompressionConfig {
@@ -181,6 +193,7 @@ impl Default for CompressionConfig {
             quantization_bits: 8,
             svd_rank_ratio: 0.25,
             error_budget: 0.01,
+            overhead_budget: 0.5,
         }
     }
 }
@@ -208,6 +221,10 @@ pub struct SwappingConfig {
     pub swap_directory: Option<PathBuf>,
     /// Which blocks leave RAM first.
     pub eviction_policy: SwapPolicy,
+    /// Time spent in the swapping KV storage (writes out, waits for reads) as a
+    /// share of decode step time above which swapping is switched off mid-run
+    /// (the blocks come back to RAM), in (0, 1].
+    pub overhead_budget: f64,
 }
 
 impl Default for SwappingConfig {
@@ -217,6 +234,7 @@ impl Default for SwappingConfig {
             memory_threshold: 0.8,
             swap_directory: None,
             eviction_policy: SwapPolicy::Lru,
+            overhead_budget: 0.5,
         }
     }
 }
@@ -241,6 +259,9 @@ pub struct TieringConfig {
     pub migration_threshold: f64,
     /// How hotness is measured.
     pub migration_policy: MigrationPolicy,
+    /// Time spent waiting for streamed layer weights as a share of decode step
+    /// time above which tiering is reported over budget, in (0, 1].
+    pub overhead_budget: f64,
 }
 
 impl Default for TieringConfig {
@@ -249,6 +270,7 @@ impl Default for TieringConfig {
             enabled: true,
             migration_threshold: 0.7,
             migration_policy: MigrationPolicy::AccessFrequency,
+            overhead_budget: 0.9,
         }
     }
 }
@@ -263,6 +285,9 @@ pub struct GcConfig {
     pub collection_interval: HumanDuration,
     /// Let memory pressure and allocation rate set the interval.
     pub adaptive_enabled: bool,
+    /// Collector pause time as a share of decode step time above which
+    /// collection is switched off mid-run, in (0, 1].
+    pub overhead_budget: f64,
 }
 
 impl Default for GcConfig {
@@ -271,6 +296,7 @@ impl Default for GcConfig {
             enabled: true,
             collection_interval: HumanDuration(Duration::from_millis(100)),
             adaptive_enabled: true,
+            overhead_budget: 0.05,
         }
     }
 }
@@ -643,6 +669,22 @@ fn validate(c: &Config, figment: &Figment) -> Result<()> {
         1.0,
         false,
     )?;
+    for (key, budget) in [
+        (
+            "memory_pooling.overhead_budget",
+            c.memory_pooling.overhead_budget,
+        ),
+        ("caching.overhead_budget", c.caching.overhead_budget),
+        ("compression.overhead_budget", c.compression.overhead_budget),
+        ("swapping.overhead_budget", c.swapping.overhead_budget),
+        ("tiering.overhead_budget", c.tiering.overhead_budget),
+        (
+            "garbage_collection.overhead_budget",
+            c.garbage_collection.overhead_budget,
+        ),
+    ] {
+        range(key, budget, 0.0, 1.0, true)?;
+    }
     if !matches!(c.compression.quantization_bits, 4 | 8) {
         let key = "compression.quantization_bits";
         return Err(RuntimeError::OutOfRange {
@@ -849,6 +891,27 @@ mod tests {
         );
         let (msg, _) = err_of("[compression]\nquantization_bits = 3\n");
         assert!(msg.contains("allowed 4 or 8"), "{msg}");
+    }
+
+    #[test]
+    fn overhead_budgets_are_fractions_of_step_time() {
+        let (r, _p, _d) = load_toml("[compression]\noverhead_budget = 0.2\n");
+        let c = r.unwrap().config;
+        assert_eq!(c.compression.overhead_budget, 0.2);
+        assert_eq!(c.garbage_collection.overhead_budget, 0.05);
+        let (msg, path) = err_of("[swapping]\noverhead_budget = 0\n");
+        assert_eq!(
+            msg,
+            format!(
+                "`swapping.overhead_budget` = 0 in {} is out of range: allowed more than 0.0 to 1.0",
+                path.display()
+            )
+        );
+        let (msg, _) = err_of("[garbage_collection]\noverhead_budget = 1.5\n");
+        assert!(
+            msg.starts_with("`garbage_collection.overhead_budget` = 1.5"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -10,11 +10,16 @@ pub mod config;
 pub mod config_reference;
 mod error;
 pub mod gen_model;
+pub mod hardware;
 pub mod kv_codec;
+pub mod kv_pool;
 pub mod kv_swap;
+pub mod pipeline;
 #[cfg(test)]
 mod test_support;
 pub mod weights_tier;
 
 pub use config::{Config, ConfigSources, LoadedConfig};
 pub use error::{Result, RuntimeError};
+pub use hardware::{Hardware, Profile};
+pub use pipeline::{Phase, PhaseSelection, PhaseState, PhaseStatus, Pipeline, PipelineOptions};

@@ -64,22 +64,28 @@ enum Command {
         /// default: SmolLM2-135M-Instruct from the models cache.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// The user prompt (instruct models get their chat template).
+        /// The user prompt (instruct models get their chat template); repeat
+        /// for several requests, run one after another (they share the
+        /// prefix cache).
         #[arg(long)]
-        prompt: Option<String>,
+        prompt: Vec<String>,
+        /// A file with one more prompt per non-empty line.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
         /// An image (Qwen3-VL models only); repeat for several.
         #[arg(long)]
         image: Vec<PathBuf>,
-        /// Most tokens to generate (generation also stops at end of turn).
+        /// Most tokens to generate per prompt (generation also stops at end of turn).
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
-        /// A TOML config file ([hardware] threads and [metrics] are applied).
+        /// A TOML config file (the phases' sections, [hardware] threads and [metrics]).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Serve the live dashboard ([metrics.dashboard], 127.0.0.1:9464 by default) during the run.
         #[arg(long)]
         dashboard: bool,
-        /// Hold the KV cache encoded: none, int8 or int4 (KIVI; GGUF models).
+        /// Hold the KV cache encoded: none, int8 or int4 (KIVI); int8/int4
+        /// turn the compression phase on with those bits.
         #[arg(long, default_value = "none")]
         kv_codec: qvl_runtime::kv_codec::KvCodecKind,
         /// RAM for the decoder's layer weights ("64MiB"): layers stream from
@@ -90,6 +96,21 @@ enum Command {
         /// it is reported unavailable and ignored.
         #[arg(long)]
         gpu_budget: Option<qvl_core::ByteSize>,
+        /// Phases to run, overriding the config's `enabled` keys: a range
+        /// (1-6), a list (1,3,4), all or none. 1 pool, 2 cache,
+        /// 3 compression, 4 swapping, 5 tiering, 6 gc.
+        #[arg(long)]
+        phases: Option<qvl_runtime::PhaseSelection>,
+        /// RAM for the KV cache ("64MiB"); past it, blocks are swapped to
+        /// SSD when the swapping phase is on.
+        #[arg(long)]
+        kv_budget: Option<qvl_core::ByteSize>,
+    },
+    /// Print what qvl detects on this machine (cores, RAM, GPU, disk) and the profile it picks.
+    Hardware {
+        /// A TOML config file ([hardware] device and the swap directory apply).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Write a generated llama GGUF model (random weights, a small byte-level
     /// tokenizer) of any size, to run models larger than the ones at hand.
@@ -262,9 +283,13 @@ fn main() -> ExitCode {
             kv_codec,
             ram_budget,
             gpu_budget,
+            prompts,
+            phases,
+            kv_budget,
         } => commands::run::run(commands::run::RunArgs {
             model,
-            prompt,
+            prompts: prompt,
+            prompts_file: prompts,
             images: image,
             max_tokens,
             config,
@@ -275,7 +300,10 @@ fn main() -> ExitCode {
                 ram: ram_budget,
                 gpu: gpu_budget,
             },
+            phases,
+            kv_budget,
         }),
+        Command::Hardware { config } => commands::config::hardware(config),
         Command::GenModel {
             out,
             layers,
@@ -309,7 +337,8 @@ fn main() -> ExitCode {
             config,
         } => commands::run::run(commands::run::RunArgs {
             model,
-            prompt,
+            prompts: prompt.into_iter().collect(),
+            prompts_file: None,
             images: Vec::new(),
             max_tokens,
             config,
@@ -317,6 +346,8 @@ fn main() -> ExitCode {
             keep_serving: true,
             kv_codec: qvl_runtime::kv_codec::KvCodecKind::None,
             weight_budgets: Default::default(),
+            phases: None,
+            kv_budget: None,
         }),
         Command::Perplexity {
             model,

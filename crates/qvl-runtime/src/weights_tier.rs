@@ -667,6 +667,7 @@ mod tests {
             enabled: true,
             migration_threshold: 0.55,
             migration_policy: MigrationPolicy::Recency,
+            ..TieringConfig::default()
         };
         let t = tier_config(&section).unwrap();
         assert_eq!(t.migration_threshold, 0.55);

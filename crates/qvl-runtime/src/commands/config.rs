@@ -53,3 +53,46 @@ pub fn check(file: &Path) -> Result<ExitCode> {
     println!("{}: ok", file.display());
     Ok(ExitCode::SUCCESS)
 }
+
+/// `qvl hardware`: what was detected and the profile picked from it.
+pub fn hardware(file: Option<PathBuf>) -> Result<ExitCode> {
+    let loaded = config::load(&ConfigSources {
+        file,
+        use_env: true,
+    })?;
+    let hw = qvl_runtime::Hardware::detect(&loaded.config);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("cores          {}", hw.cores);
+    println!(
+        "ram            {:.1} GiB total, {:.1} GiB available",
+        gib(hw.ram_total),
+        gib(hw.ram_available)
+    );
+    match &hw.gpu {
+        Some(g) => println!(
+            "gpu            {} (compute capability {})",
+            g.name,
+            g.compute_capability
+                .map_or("unknown".to_string(), |(a, b)| format!("{a}.{b}"))
+        ),
+        None => println!("gpu            none (no NVIDIA driver GPU in /proc/driver/nvidia)"),
+    }
+    println!(
+        "libcuda        {}",
+        if hw.libcuda { "found" } else { "not found" }
+    );
+    println!(
+        "disk           {} at {}",
+        hw.disk_free
+            .map_or("unknown".to_string(), |b| format!("{:.1} GiB free", gib(b))),
+        hw.disk_path.display()
+    );
+    println!(
+        "profile        {}{}",
+        hw.profile,
+        hw.profile
+            .config_file()
+            .map_or(String::new(), |f| format!(" (see {f})"))
+    );
+    Ok(ExitCode::SUCCESS)
+}

