@@ -37,9 +37,12 @@ pub enum MetricEvent {
         /// Bytes held from the system.
         reserved: u64,
     },
-    /// A cache lookup.
+    /// One level of a cache probed by a lookup. A lookup reports one event
+    /// per level it probed, fastest first: a miss for each level that did not
+    /// hold the block and a hit for the one that did, so each level's hit
+    /// ratio is the share of the lookups reaching it that it served.
     CacheLookup {
-        /// The level that answered, or was asked last on a miss.
+        /// The level probed.
         tier: Tier,
         /// Whether it hit.
         hit: bool,
