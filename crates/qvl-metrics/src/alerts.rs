@@ -105,8 +105,8 @@ impl AlertEngine {
         }
 
         let base = self.window.front().map(|(_, s)| s);
-        let hits = |s: &Snapshot| s.cache.iter().map(|c| c.hits).sum::<u64>();
-        let lookups = |s: &Snapshot| s.cache.iter().map(|c| c.hits + c.misses).sum::<u64>();
+        let hits = |s: &Snapshot| s.cache_hits_and_lookups().0;
+        let lookups = |s: &Snapshot| s.cache_hits_and_lookups().1;
         let window_hits = hits(snapshot).saturating_sub(base.map_or(0, hits));
         let window_lookups = lookups(snapshot).saturating_sub(base.map_or(0, lookups));
         if window_lookups >= self.thresholds.min_lookups.max(1) {

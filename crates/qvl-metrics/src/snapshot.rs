@@ -44,6 +44,22 @@ pub struct CacheLevelSnapshot {
     pub misses: u64,
 }
 
+impl Snapshot {
+    /// Cache hits at any level, and lookups. A lookup reports one
+    /// `CacheLookup` per level it probed, fastest first, so the number of
+    /// lookups is what the fastest level probed saw; summing every level
+    /// would count a miss in L1 followed by a hit in L2 as two lookups.
+    pub fn cache_hits_and_lookups(&self) -> (u64, u64) {
+        let hits = self.cache.iter().map(|c| c.hits).sum();
+        let lookups = self
+            .cache
+            .iter()
+            .min_by_key(|c| c.tier)
+            .map_or(0, |c| c.hits + c.misses);
+        (hits, lookups)
+    }
+}
+
 impl CacheLevelSnapshot {
     pub(crate) fn new(tier: Tier, hits: u64, misses: u64) -> Self {
         CacheLevelSnapshot { tier, hits, misses }
@@ -280,8 +296,7 @@ impl PerformanceReport {
                 peak_reserved_bytes: t.peak_reserved_bytes,
             })
             .collect();
-        let hits: u64 = s.cache.iter().map(|c| c.hits).sum();
-        let lookups: u64 = s.cache.iter().map(|c| c.hits + c.misses).sum();
+        let (hits, lookups) = s.cache_hits_and_lookups();
         let input: u64 = s.compression.iter().map(|c| c.input_bytes).sum();
         let output: u64 = s.compression.iter().map(|c| c.output_bytes).sum();
         let valid: u64 = s
@@ -525,13 +540,14 @@ mod tests {
     fn report_math_on_known_inputs() {
         let c = Collector::new();
         let t0 = c.started();
-        for hit in [true, true, true, false] {
+        // Four lookups: two hit L1; of the two that reach L2, one hits.
+        for hit in [true, true, false, false] {
             c.record(&MetricEvent::CacheLookup {
                 tier: Tier::Gpu,
                 hit,
             });
         }
-        for hit in [true, false, false, false] {
+        for hit in [true, false] {
             c.record(&MetricEvent::CacheLookup {
                 tier: Tier::HostRam,
                 hit,
@@ -577,10 +593,10 @@ mod tests {
             bytes: 4096,
         });
         let r = c.snapshot_at(t0 + Duration::from_secs(60)).report();
-        assert_eq!(r.cache_hit_rate, Some(0.5));
+        assert_eq!(r.cache_hit_rate, Some(0.75));
         assert_eq!(
             r.cache_hit_rate_per_level,
-            vec![(Tier::Gpu, 0.75), (Tier::HostRam, 0.25)]
+            vec![(Tier::Gpu, 0.5), (Tier::HostRam, 0.5)]
         );
         assert_eq!(r.compression_savings, Some(0.5));
         assert_eq!(r.compression_ratio, Some(2.0));
@@ -604,6 +620,30 @@ mod tests {
         assert!(table.contains("50.0% (2.00x)"), "{table}");
         let back: super::PerformanceReport = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_lookup_probing_two_levels_counts_once() {
+        let c = Collector::new();
+        // Lookup 1: L1 miss, L2 hit. Lookup 2: L1 hit. Lookup 3: misses both.
+        for (tier, hit) in [
+            (Tier::Gpu, false),
+            (Tier::HostRam, true),
+            (Tier::Gpu, true),
+            (Tier::Gpu, false),
+            (Tier::HostRam, false),
+        ] {
+            c.record(&MetricEvent::CacheLookup { tier, hit });
+        }
+        let snapshot = c.snapshot();
+        assert_eq!(snapshot.cache_hits_and_lookups(), (2, 3));
+        let report = snapshot.report();
+        assert_eq!(report.cache_hit_rate, Some(2.0 / 3.0));
+        let per_level: Vec<(Tier, f64)> = report.cache_hit_rate_per_level.clone();
+        assert_eq!(
+            per_level,
+            vec![(Tier::Gpu, 1.0 / 3.0), (Tier::HostRam, 0.5)]
+        );
     }
 
     #[test]
