@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 mod error;
@@ -34,4 +35,4 @@ pub use error::{ModelError, Result};
 pub use kv::{HostKvStorage, KvBlockStorage, KvLayout, PagedKvCache};
 pub use qwen3vl::{generate, generate_in, ImageInput, Qwen3VlModel, Session};
 pub use tensor::StoredTensor;
-pub use text::{DecoderTensorNames, Logits, TextDecoder};
+pub use text::{BatchSequence, DecoderTensorNames, Logits, TextDecoder};

@@ -419,6 +419,19 @@ impl GgufTextModel {
         self.prefill(session, &[token], Logits::Last)
     }
 
+    /// One decode step of several sessions at once: appends `tokens[i]` to
+    /// `sessions[i]` (each at its own position) in one batched forward and
+    /// returns their logits (`sessions.len() x vocab`, in order).
+    pub fn decode_batch(
+        &self,
+        sessions: &mut [&mut TextSession],
+        tokens: &[u32],
+    ) -> Result<Vec<f32>> {
+        let mut caches: Vec<&mut PagedKvCache> =
+            sessions.iter_mut().map(|s| &mut s.cache).collect();
+        crate::batch::decode_step(&self.decoder, &mut caches, tokens)
+    }
+
     /// Greedy generation after `prompt_ids`: prefills them, then takes the
     /// argmax token until `max_tokens` tokens or a stop token (when
     /// `stop_at_eos`). Each token goes to `on_token` as soon as it is chosen.

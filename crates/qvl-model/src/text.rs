@@ -236,6 +236,18 @@ pub enum Logits {
     Last,
 }
 
+/// One sequence of a batched forward ([`TextDecoder::forward_batch`]): its
+/// KV cache, the tokens it appends (one when decoding, a prompt when
+/// prefilling) and their RoPE positions (per sequence: each has its own).
+pub struct BatchSequence<'a> {
+    /// The sequence's paged KV cache; the tokens' keys and values go here.
+    pub cache: &'a mut PagedKvCache,
+    /// The tokens run (their embeddings are this sequence's rows of the input).
+    pub tokens: &'a [u32],
+    /// One (t, h, w) position per token (equal for text-only positions).
+    pub positions: &'a [[i64; 3]],
+}
+
 /// A loaded decoder.
 pub struct TextDecoder {
     config: DecoderConfig,
@@ -422,26 +434,76 @@ impl TextDecoder {
     pub fn forward(
         &self,
         cache: &mut PagedKvCache,
-        mut hidden: Vec<f32>,
+        hidden: Vec<f32>,
         tokens: &[u32],
         positions: &[[i64; 3]],
         deepstack: Option<&DeepstackFeatures<'_>>,
         logits: Logits,
     ) -> Result<Vec<f32>> {
+        let mut seqs = [BatchSequence {
+            cache,
+            tokens,
+            positions,
+        }];
+        self.forward_rows(&mut seqs, hidden, deepstack, logits)
+    }
+
+    /// Runs several sequences through the decoder in one pass: `hidden`
+    /// holds the input embeddings of every sequence's tokens, sequence after
+    /// sequence (`sum(tokens) x hidden`). The matmuls run once over all the
+    /// rows (each weight byte is read once per step for every sequence);
+    /// RoPE uses each sequence's own positions and attention runs per
+    /// sequence over its own cache, so each sequence gets the logits it
+    /// would get alone. Returns `rows x vocab` logits: every row
+    /// ([`Logits::All`]) or each sequence's last row ([`Logits::Last`]),
+    /// in sequence order.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [BatchSequence<'_>],
+        hidden: Vec<f32>,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        self.forward_rows(seqs, hidden, None, logits)
+    }
+
+    fn forward_rows(
+        &self,
+        seqs: &mut [BatchSequence<'_>],
+        mut hidden: Vec<f32>,
+        deepstack: Option<&DeepstackFeatures<'_>>,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let n = positions.len();
-        if n == 0 || hidden.len() != n * h || tokens.len() != n {
-            return Err(ModelError::InvalidInput(format!(
-                "forward of {} hidden values, {} tokens and {n} positions (hidden size {h})",
-                hidden.len(),
-                tokens.len()
-            )));
+        if seqs.is_empty() {
+            return Err(ModelError::InvalidInput(
+                "forward of no sequences".to_string(),
+            ));
         }
-        if cache.layout() != self.kv_layout(cache.layout().block_tokens) {
-            return Err(ModelError::KvCache(format!(
-                "cache layout {:?} does not fit this decoder",
-                cache.layout()
+        // Row ranges of each sequence in the stacked activations.
+        let mut ranges = Vec::with_capacity(seqs.len());
+        let mut n = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            let len = s.positions.len();
+            if len == 0 || s.tokens.len() != len {
+                return Err(ModelError::InvalidInput(format!(
+                    "sequence {i} of the forward has {} tokens and {len} positions",
+                    s.tokens.len()
+                )));
+            }
+            if s.cache.layout() != self.kv_layout(s.cache.layout().block_tokens) {
+                return Err(ModelError::KvCache(format!(
+                    "cache layout {:?} of sequence {i} does not fit this decoder",
+                    s.cache.layout()
+                )));
+            }
+            ranges.push(n..n + len);
+            n += len;
+        }
+        if hidden.len() != n * h {
+            return Err(ModelError::InvalidInput(format!(
+                "forward of {} hidden values for {n} tokens (hidden size {h})",
+                hidden.len()
             )));
         }
         if let Some(ds) = deepstack {
@@ -454,10 +516,17 @@ impl TextDecoder {
                 ));
             }
         }
-        let (cos, sin) = self.rope_tables(positions);
+        let positions: Vec<[i64; 3]> = seqs
+            .iter()
+            .flat_map(|s| s.positions.iter().copied())
+            .collect();
+        let (cos, sin) = self.rope_tables(&positions);
         let half = hd / 2;
         let scale = 1.0 / (hd as f32).sqrt();
-        cache.reserve(n)?;
+        let (q_width, kv_width) = (c.num_heads * hd, c.num_kv_heads * hd);
+        for s in seqs.iter_mut() {
+            s.cache.reserve(s.tokens.len())?;
+        }
         for li in 0..c.num_layers {
             let layer = self.layer(li)?;
             let mut x = hidden.clone();
@@ -484,8 +553,30 @@ impl TextDecoder {
             };
             rotate(&mut q, c.num_heads);
             rotate(&mut k, c.num_kv_heads);
-            cache.write_layer(li, &k, &v)?;
-            let attn = cache.attend(li, &q, c.num_heads, scale)?;
+            // Attention per sequence over its own blocks, sequences in parallel.
+            let attn = if let [s] = seqs {
+                s.cache.write_layer(li, &k, &v)?;
+                s.cache.attend(li, &q, c.num_heads, scale)?
+            } else {
+                let parts = seqs
+                    .par_iter_mut()
+                    .zip(ranges.par_iter())
+                    .map(|(s, r)| {
+                        s.cache.write_layer(
+                            li,
+                            &k[r.start * kv_width..r.end * kv_width],
+                            &v[r.start * kv_width..r.end * kv_width],
+                        )?;
+                        s.cache.attend(
+                            li,
+                            &q[r.start * q_width..r.end * q_width],
+                            c.num_heads,
+                            scale,
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                parts.concat()
+            };
             let o = layer.o_proj.forward(&attn, n);
             hidden.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
@@ -509,10 +600,16 @@ impl TextDecoder {
                 }
             }
         }
-        cache.commit(tokens)?;
+        for s in seqs.iter_mut() {
+            s.cache.commit(s.tokens)?;
+        }
         let mut last = match logits {
             Logits::All => hidden,
-            Logits::Last => hidden[(n - 1) * h..].to_vec(),
+            Logits::Last => ranges
+                .iter()
+                .flat_map(|r| &hidden[(r.end - 1) * h..r.end * h])
+                .copied()
+                .collect(),
         };
         let rows = last.len() / h;
         rms_norm(&mut last, &self.final_norm, c.rms_norm_eps);
