@@ -6,7 +6,10 @@
 //!   reads every weight byte once, so it cannot beat
 //!   `RAM read bandwidth / weight bytes per token`;
 //! - batched prefill tokens/s against feeding the same prompt one token at
-//!   a time (the plain path without batching).
+//!   a time (the plain path without batching);
+//! - batched decode (several sequences per forward) at batch 1, 2, 4, 8 and
+//!   a request stream through the continuous-batching scheduler
+//!   ([`batch`]).
 
 use crate::BenchOptions;
 use anyhow::{Context, Result};
@@ -17,6 +20,8 @@ use qvl_model::ops::{argmax, Activation};
 use qvl_model::random::{decoder_tensor_shapes, random_weights};
 use qvl_model::{DecoderTensorNames, Logits, TextDecoder};
 use std::time::Instant;
+
+mod batch;
 
 /// Qwen3-VL-2B's text widths with `layers` decoder layers.
 fn qwen3vl_2b_text(layers: usize) -> DecoderConfig {
@@ -210,5 +215,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         "weight_generation_seconds": gen_s,
         "threads": threads(),
     });
+    // The batch part loads its own model: free this one first.
+    drop((decoder, weights, cache));
+    let (criteria, details) = batch::run(opts).context("batched decoding")?;
+    report.criteria.extend(criteria);
+    report.details["batch"] = details;
     Ok(report)
 }

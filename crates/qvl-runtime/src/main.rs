@@ -155,6 +155,22 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Greedy replies to many prompts at once (continuous batching): each
+    /// reply streamed tagged by its prompt's index, then aggregate tokens/s.
+    Batch {
+        /// A .gguf model; default: SmolLM2-135M-Instruct from the models cache.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A text file with one prompt a line.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Most sequences decoded together.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Most tokens per reply (a reply also stops at end of turn).
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+    },
     /// Perplexity of a text over one window (mean NLL of every token after
     /// the first, exponentiated), as llama.cpp's perplexity tool reports it.
     Perplexity {
@@ -348,6 +364,17 @@ fn main() -> ExitCode {
             weight_budgets: Default::default(),
             phases: None,
             kv_budget: None,
+        }),
+        Command::Batch {
+            model,
+            prompts,
+            max_batch,
+            max_tokens,
+        } => commands::batch::batch(commands::batch::BatchArgs {
+            model,
+            prompts,
+            max_batch,
+            max_tokens,
         }),
         Command::Perplexity {
             model,
