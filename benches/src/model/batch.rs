@@ -44,7 +44,7 @@ fn smollm2_widths(layers: usize) -> DecoderConfig {
 
 /// The decoder measured and what it is.
 enum Model {
-    Gguf(GgufTextModel),
+    Gguf(Box<GgufTextModel>),
     Random(TextDecoder),
 }
 
@@ -102,10 +102,10 @@ pub fn run(opts: &BenchOptions) -> Result<(Vec<Criterion>, serde_json::Value)> {
     let t = Instant::now();
     let (model, model_name) = match find_cached(&SMOLLM2) {
         Some(path) => (
-            Model::Gguf(
+            Model::Gguf(Box::new(
                 GgufTextModel::load(&path)
                     .with_context(|| format!("loading {}", path.display()))?,
-            ),
+            )),
             format!("SmolLM2-135M-Instruct ({})", path.display()),
         ),
         None => {

@@ -45,7 +45,7 @@ pub fn decode_step(
         .zip(tokens.chunks(1))
         .zip(&positions)
         .map(|((cache, tokens), positions)| BatchSequence {
-            cache: &mut **cache,
+            cache,
             tokens,
             positions,
         })
