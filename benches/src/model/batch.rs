@@ -45,7 +45,7 @@ fn smollm2_widths(layers: usize) -> DecoderConfig {
 /// The decoder measured and what it is.
 enum Model {
     Gguf(Box<GgufTextModel>),
-    Random(TextDecoder),
+    Random(Box<TextDecoder>),
 }
 
 impl Model {
@@ -115,7 +115,7 @@ pub fn run(opts: &BenchOptions) -> Result<(Vec<Criterion>, serde_json::Value)> {
             let weights = random_weights(&decoder_tensor_shapes(&cfg, &names), DType::F32, 3)
                 .context("generating random weights")?;
             (
-                Model::Random(TextDecoder::load(cfg, &weights, &names)?),
+                Model::Random(Box::new(TextDecoder::load(cfg, &weights, &names)?)),
                 format!(
                     "SmolLM2-135M widths, {layers} layers, random f32 weights (GGUF not cached)"
                 ),
