@@ -26,9 +26,6 @@ fn batched_decode_matches_decoding_alone_on_smollm2() {
         "2 + 2 =",
         "Name three colors.",
         "Why is the sky blue? Answer in one sentence.",
-        "Hello!",
-        "Translate 'cat' to French.",
-        "List the planets of the solar system in order from the sun.",
     ];
     let mut alone = Vec::new();
     let mut batched = Vec::new();
@@ -59,7 +56,7 @@ fn batched_decode_matches_decoding_alone_on_smollm2() {
             next[i] = argmax(&want) as u32;
         }
     }
-    eprintln!("SmolLM2 batch of 8 vs alone: max abs logit diff {worst:.2e}");
+    eprintln!("SmolLM2 batch of 5 vs alone: max abs logit diff {worst:.2e}");
 
     // The scheduler streams the same greedy replies as generating alone.
     let stops = model.stop_tokens();
