@@ -583,6 +583,14 @@ impl Pipeline {
                 }
             }
         }
+        if let (Some(options), true) = (p.codec, p.swap.is_some()) {
+            let reason = format!(
+                "KV chunks leave RAM encoded {} (group quantization per token, group {}) when \
+                 swapped; resident blocks stay f32 (the swapping storage holds the KV)",
+                options.kind, options.group_size
+            );
+            p.set_status(Phase::Compression, PhaseState::On, reason);
+        }
         if let Some(pool) = &p.pool {
             let what = match (p.codec.is_some(), p.swap.is_some()) {
                 (_, true) => "on; KV blocks are held by the swapping storage, the pool serves the plain path it falls back to",
