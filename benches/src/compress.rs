@@ -21,6 +21,14 @@
 //!
 //! The SVD criterion times faer against nalgebra on a 128x4096 matrix (one
 //! head's keys over 4096 tokens, transposed).
+//!
+//! The weights section loads SmolLM2-135M (Q4_1 GGUF) four ways in the same
+//! run: f32 (dequantized at load, the baseline), native (its own Q4_1/Q8_0
+//! blocks kept, dequantized per tile inside the matmul), q8 and q4
+//! (re-quantized from the dequantized values to Q8_0 / Q4_1), and reports
+//! bits per weight, resident bytes, weight error, perplexity of the golden
+//! text, decode tokens/s (round-robin over the four models, median), and
+//! the throughput of one MLP matrix at prefill (64 rows) and decode (1 row).
 
 use crate::BenchOptions;
 use anyhow::{anyhow, Result};
@@ -587,6 +595,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             "nalgebra_rel_frobenius": nalgebra_rel,
         },
     });
+    match weights_section(opts)? {
+        Ok((criteria, details)) => {
+            report.criteria.extend(criteria);
+            report.details["weights"] = details;
+        }
+        Err(reason) => {
+            println!("weights section skipped: {reason}");
+            report.details["weights"] = json!({ "skipped": reason });
+        }
+    }
     match model_section(opts)? {
         Ok((criteria, details)) => {
             report.criteria.extend(criteria);
@@ -598,6 +616,221 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         }
     }
     Ok(report)
+}
+
+/// One SmolLM2 load of the weights section.
+struct WeightsRow {
+    label: &'static str,
+    model: qvl_model::llama::GgufTextModel,
+    load_secs: f64,
+    bits_per_weight: f64,
+    max_rel_error: f64,
+    mean_rel_error: f64,
+    perplexity: f64,
+    decode_secs: Vec<f64>,
+}
+
+/// GFLOP/s of `lin` over `rows` input rows (best of `reps`).
+fn linear_gflops(lin: &qvl_model::linear::Linear, rows: usize, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..rows * lin.in_features())
+        .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+        .collect();
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        black_box(lin.forward(black_box(&x), rows));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (rows * lin.in_features() * lin.out_features()) as f64 / best / 1e9
+}
+
+/// The weights section: SmolLM2 with f32, native, q8 and q4 weights in the
+/// same run. `Err(reason)` when the model is not cached.
+fn weights_section(
+    opts: &BenchOptions,
+) -> Result<std::result::Result<(Vec<Criterion>, serde_json::Value), String>> {
+    use qvl_model::llama::{GgufTextModel, GgufWeights};
+    use qvl_model::{LoadOptions, Logits, WeightFormat, WeightSource};
+    let Some(path) = qvl_model::fetch::find_cached(&qvl_model::fetch::SMOLLM2) else {
+        return Ok(Err(format!(
+            "SmolLM2-135M GGUF ({}) is not in the models cache; `qvl fetch-model smollm2` puts it there",
+            qvl_model::fetch::SMOLLM2.file_name
+        )));
+    };
+    let golden_file = opts
+        .repo_root
+        .join("crates/qvl-model/tests/data/smollm2/golden.json");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&golden_file)?)?;
+    let text = golden["text"]
+        .as_str()
+        .ok_or_else(|| anyhow!("{} has no \"text\"", golden_file.display()))?;
+    let mut rows: Vec<WeightsRow> = Vec::new();
+    for (label, format) in [
+        ("f32", WeightFormat::F32),
+        ("native", WeightFormat::Native),
+        ("q8", WeightFormat::Q8),
+        ("q4", WeightFormat::Q4),
+    ] {
+        let t = Instant::now();
+        let model = GgufTextModel::load_with_options(&path, &LoadOptions::new(format))?;
+        let load_secs = t.elapsed().as_secs_f64();
+        let d = model.decoder();
+        let c = d.config();
+        let per_layer = (c.num_heads + c.num_kv_heads) * c.head_dim * c.hidden_size * 2
+            + 3 * c.hidden_size * c.intermediate_size;
+        let params = per_layer * c.num_layers + c.vocab_size * c.hidden_size;
+        let bits_per_weight = d.weight_bytes_per_token() as f64 * 8.0 / params as f64;
+        let r = model.weight_report();
+        let quantized: Vec<f64> = r
+            .matrices
+            .iter()
+            .filter(|m| m.format.is_some())
+            .map(|m| m.rel_error)
+            .collect();
+        let mean_rel_error = quantized.iter().sum::<f64>() / quantized.len().max(1) as f64;
+        let perplexity = model.perplexity_of_text(text)?.perplexity;
+        rows.push(WeightsRow {
+            label,
+            max_rel_error: r.max_rel_error(),
+            model,
+            load_secs,
+            bits_per_weight,
+            mean_rel_error,
+            perplexity,
+            decode_secs: Vec::new(),
+        });
+    }
+    // Decode: every model prefills the same prompt, then steps round-robin
+    // so that the load of other processes hits all alike.
+    let (reps, steps) = if opts.quick { (3, 4) } else { (7, 8) };
+    let ids = rows[0].model.tokenizer().encode(text, true);
+    let mut sessions = Vec::new();
+    for r in &rows {
+        let mut s = r.model.new_session();
+        r.model.prefill(&mut s, &ids[..8], Logits::Last)?;
+        sessions.push(s);
+    }
+    for rep in 0..reps {
+        for (r, s) in rows.iter_mut().zip(sessions.iter_mut()) {
+            let t = Instant::now();
+            for i in 0..steps {
+                black_box(r.model.decode_step(s, ids[8 + (rep * steps + i) % 64])?);
+            }
+            r.decode_secs.push(t.elapsed().as_secs_f64() / steps as f64);
+        }
+    }
+    // One MLP matrix (up_proj, 1536 x 576) as f32 and as its Q4_1 blocks.
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let matrix = |keep: bool| -> Result<qvl_model::linear::Linear> {
+        let src = GgufWeights::open(&path)?.keep_blocks(keep);
+        let t = src
+            .tensor(name)?
+            .ok_or_else(|| anyhow!("{name} is not in {}", path.display()))?;
+        let (n, k) = (t.shape[0], t.shape[1]);
+        Ok(qvl_model::linear::Linear::new(t, None, n, k)?)
+    };
+    let (dense, blocks) = (matrix(false)?, matrix(true)?);
+    let mm_reps = if opts.quick { 5 } else { 20 };
+    let (mut pre, mut dec) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for _ in 0..3 {
+        pre.0.push(linear_gflops(&dense, 64, mm_reps));
+        pre.1.push(linear_gflops(&blocks, 64, mm_reps));
+        dec.0.push(linear_gflops(&dense, 1, mm_reps * 10));
+        dec.1.push(linear_gflops(&blocks, 1, mm_reps * 10));
+    }
+    let best_of = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (pre_f32, pre_q4, dec_f32, dec_q4) =
+        (best_of(&pre.0), best_of(&pre.1), best_of(&dec.0), best_of(&dec.1));
+
+    let base_ppl = rows[0].perplexity;
+    let tok_s = |r: &WeightsRow| 1.0 / median(r.decode_secs.clone());
+    let mut details = Vec::new();
+    for r in &rows {
+        println!(
+            "weights {:<6} {:>5.2} bits/w  {:>6.1} MiB  err max {:.4} mean {:.4}  ppl {:.4} ({:+.4}%)  decode {:>6.1} tok/s  load {:.2} s",
+            r.label,
+            r.bits_per_weight,
+            r.model.weight_bytes() as f64 / (1 << 20) as f64,
+            r.max_rel_error,
+            r.mean_rel_error,
+            r.perplexity,
+            100.0 * (r.perplexity / base_ppl - 1.0),
+            tok_s(r),
+            r.load_secs
+        );
+        details.push(json!({
+            "weights": r.label,
+            "bits_per_weight": r.bits_per_weight,
+            "resident_weight_bytes": r.model.weight_bytes(),
+            "max_rel_error": r.max_rel_error,
+            "mean_rel_error": r.mean_rel_error,
+            "perplexity": r.perplexity,
+            "perplexity_rel_change": r.perplexity / base_ppl - 1.0,
+            "decode_tokens_per_s": tok_s(r),
+            "decode_secs_per_token": r.decode_secs,
+            "load_secs": r.load_secs,
+        }));
+    }
+    println!(
+        "weights up_proj 1536x576: prefill 64 rows f32 {pre_f32:.2} vs q4_1 {pre_q4:.2} GFLOP/s; decode 1 row f32 {dec_f32:.2} vs q4_1 {dec_q4:.2} GFLOP/s"
+    );
+    let (f32r, native, q8, q4) = (&rows[0], &rows[1], &rows[2], &rows[3]);
+    let ppl_gate = |r: &WeightsRow, tol: f64, what: &str| {
+        gate(
+            &format!("SmolLM2 perplexity, weights {what} vs f32"),
+            "ppl",
+            r.perplexity,
+            base_ppl,
+            &format!("|ratio - 1| <= {tol}"),
+            (r.perplexity / base_ppl - 1.0).abs() <= tol,
+        )
+    };
+    let criteria = vec![
+        Criterion::lower_is_better(
+            "SmolLM2 resident weights, native Q4_1/Q8_0 blocks vs f32",
+            "MiB",
+            native.model.weight_bytes() as f64 / (1 << 20) as f64,
+            f32r.model.weight_bytes() as f64 / (1 << 20) as f64,
+            0.25,
+        ),
+        ppl_gate(native, 0.001, "native Q4_1 blocks (no re-quantization)"),
+        ppl_gate(q8, 0.01, "q8 (Q8_0 g32 re-quantized)"),
+        ppl_gate(q4, 0.05, "q4 (Q4_1 g32 re-quantized)"),
+        Criterion::higher_is_better(
+            "SmolLM2 decode, native Q4_1 weights vs f32",
+            "tok/s",
+            tok_s(native),
+            tok_s(f32r),
+            1.2,
+        ),
+        Criterion::higher_is_better(
+            "SmolLM2 decode, q8 weights vs f32",
+            "tok/s",
+            tok_s(q8),
+            tok_s(f32r),
+            1.2,
+        ),
+        Criterion::higher_is_better(
+            "prefill matmul 64x576 by 576x1536, Q4_1 dequantized per tile vs f32",
+            "GFLOP/s",
+            pre_q4,
+            pre_f32,
+            0.8,
+        ),
+    ];
+    Ok(Ok((
+        criteria,
+        json!({
+            "model": path.display().to_string(),
+            "text": "golden.json text",
+            "decode": { "prompt_tokens": 8, "steps_per_rep": steps, "reps": reps },
+            "runs": details,
+            "up_proj_gflops": {
+                "prefill_64_rows": { "f32": pre_f32, "q4_1": pre_q4 },
+                "decode_1_row": { "f32": dec_f32, "q4_1": dec_q4 },
+            },
+        }),
+    )))
 }
 
 /// Tokens of the long text scored by the model section (full and quick).

@@ -22,6 +22,7 @@ pub mod linear;
 pub mod llama;
 pub mod ops;
 pub mod preprocess;
+pub mod qweight;
 pub mod qwen3vl;
 pub mod random;
 pub mod tensor;
@@ -33,6 +34,7 @@ pub use checkpoint::{HfCheckpoint, MemoryWeights, SafetensorsFile, WeightSource}
 pub use config::{DecoderConfig, Qwen3VlConfig, RopeConfig, RopeKind, VisionConfig};
 pub use error::{ModelError, Result};
 pub use kv::{HostKvStorage, KvBlockStorage, KvLayout, PagedKvCache};
+pub use qweight::{BlockFormat, LoadOptions, WeightFormat, WeightReport};
 pub use qwen3vl::{generate, generate_in, ImageInput, Qwen3VlModel, Session};
 pub use tensor::StoredTensor;
 pub use text::{BatchSequence, DecoderTensorNames, Logits, TextDecoder};

@@ -4,8 +4,16 @@
 //! time (a few rows, so the tile stays in cache) inside the worker that
 //! uses them, and tiles are spread over the rayon pool. Decode (one row of
 //! `x`) then streams every weight byte once, which is what bounds it.
+//!
+//! Weights held as quantized blocks ([`crate::qweight`]) go the same way:
+//! prefill dequantizes a tile of rows into the f32 scratch (the values are
+//! bit for bit those of the f32 path, so only the weight bytes differ);
+//! decode takes dot products straight from the blocks, the int8/int4 values
+//! widened to f32 in registers and each block's sum scaled once
+//! (`d * sum(x q) + m * sum(x)`), with AVX2 when the CPU has it.
 
 use crate::error::{ModelError, Result};
+use crate::qweight::{self, BlockFormat, BLOCK_ELEMS};
 use crate::tensor::{convert_bf16, convert_f16, convert_f32, StoredTensor};
 use qvl_core::DType;
 use rayon::prelude::*;
@@ -46,9 +54,18 @@ impl Linear {
         }
         if !weight.is_float() {
             return Err(ModelError::InvalidInput(format!(
-                "weight {:?} is {}, expected f32, f16 or bf16",
+                "weight {:?} is {}, expected f32, f16, bf16 or quantized blocks",
                 weight.name, weight.dtype
             )));
+        }
+        if let Some(format) = weight.block_format() {
+            if in_features % BLOCK_ELEMS != 0 {
+                return Err(ModelError::InvalidInput(format!(
+                    "weight {:?} is {format} blocks of {BLOCK_ELEMS}, but rows of \
+                     {in_features} inputs are not whole blocks",
+                    weight.name
+                )));
+            }
         }
         let bias = match bias {
             Some(b) => {
@@ -85,6 +102,11 @@ impl Linear {
         self.weight.bytes.len()
     }
 
+    /// The block format when the weight is held quantized.
+    pub fn block_format(&self) -> Option<BlockFormat> {
+        self.weight.block_format()
+    }
+
     /// The stored weight.
     pub fn weight(&self) -> &StoredTensor {
         &self.weight
@@ -96,7 +118,20 @@ impl Linear {
         let (n, k) = (self.out_features, self.in_features);
         let bytes = self.weight.bytes.as_slice();
         let dtype = self.weight.dtype;
-        let elem = dtype.bytes_for(1);
+        let blocks = self.weight.block_format();
+        let row_bytes = match blocks {
+            Some(f) => k / BLOCK_ELEMS * f.block_bytes(),
+            None => dtype.bytes_for(k),
+        };
+        // Block sums of x: the minimum (or the -8 offset) of int4 blocks
+        // multiplies them, once per block instead of once per value.
+        let xsums = match blocks {
+            Some(BlockFormat::Q4_0 | BlockFormat::Q4_1) if rows <= DIRECT_MAX_ROWS => x
+                .chunks_exact(BLOCK_ELEMS)
+                .map(|c| c.iter().sum())
+                .collect(),
+            _ => Vec::new(),
+        };
         // Transposed result: each tile owns a contiguous `tile x rows` range,
         // so the workers write disjoint slices with no unsafe code.
         let mut out_t = vec![0f32; n * rows];
@@ -106,12 +141,29 @@ impl Linear {
             .for_each_init(Vec::new, |tile, (t, out_chunk)| {
                 let row0 = t * TILE_ROWS;
                 let nrows = out_chunk.len() / rows;
-                let src = &bytes[row0 * k * elem..(row0 + nrows) * k * elem];
-                if rows <= DIRECT_MAX_ROWS {
-                    run_direct(dtype, src, tile, x, rows, k, out_chunk);
-                } else {
-                    tile.resize(nrows * k, 0.0);
-                    run_tile(dtype, src, tile, x, rows, k, out_chunk);
+                let src = &bytes[row0 * row_bytes..(row0 + nrows) * row_bytes];
+                match blocks {
+                    Some(format) if rows <= DIRECT_MAX_ROWS => {
+                        run_direct_blocks(format, src, x, &xsums, rows, k, out_chunk);
+                    }
+                    Some(format) => {
+                        tile.resize(nrows * k, 0.0);
+                        format.dequantize(src, tile);
+                        multiply_tile(tile, x, rows, k, out_chunk);
+                    }
+                    None if rows <= DIRECT_MAX_ROWS => {
+                        run_direct(dtype, src, tile, x, rows, k, out_chunk);
+                    }
+                    None => {
+                        tile.resize(nrows * k, 0.0);
+                        match dtype {
+                            DType::Bf16 => convert_bf16(src, tile),
+                            DType::F16 => convert_f16(src, tile),
+                            // Linear::new accepts float weights only; f32 is the remaining case.
+                            _ => convert_f32(src, tile),
+                        }
+                        multiply_tile(tile, x, rows, k, out_chunk);
+                    }
                 }
             });
         let mut out = if rows == 1 {
@@ -136,32 +188,73 @@ impl Linear {
     }
 }
 
-/// Converts one tile of weight rows and multiplies it with every row of `x`,
-/// using AVX2 where the CPU has it.
-fn run_tile(
-    dtype: DType,
-    src: &[u8],
-    tile: &mut [f32],
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    out: &mut [f32],
-) {
+/// Multiplies one tile of f32 weight rows with every row of `x`, using
+/// AVX2 where the CPU has it.
+fn multiply_tile(tile: &[f32], x: &[f32], rows: usize, k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above),
             // which is all `tile_avx2` requires.
-            unsafe { tile_avx2(dtype, src, tile, x, rows, k, out) };
+            unsafe { tile_avx2(tile, x, rows, k, out) };
             return;
         }
     }
-    tile_body::<false>(dtype, src, tile, x, rows, k, out);
+    tile_body::<false>(tile, x, rows, k, out);
+}
+
+/// Dot products of every row of `x` with quantized weight rows (`src`
+/// holds whole rows of `format` blocks), out like [`multiply_tile`].
+/// `xsums` holds the block sums of `x` for the int4 formats.
+fn run_direct_blocks(
+    format: BlockFormat,
+    src: &[u8],
+    x: &[f32],
+    xsums: &[f32],
+    rows: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    let nb = k / BLOCK_ELEMS;
+    let row_bytes = nb * format.block_bytes();
+    let nrows = src.len() / row_bytes;
+    let xsum_row = |i: usize| xsums.get(i * nb..(i + 1) * nb).unwrap_or(&[]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            for j in 0..nrows {
+                let w = &src[j * row_bytes..(j + 1) * row_bytes];
+                for i in 0..rows {
+                    // SAFETY: AVX2 and FMA are present, checked above; `w`
+                    // holds exactly `k / 32` blocks of `format`, the x row `k`
+                    // f32 and, for int4, `xsum_row` its `k / 32` block sums
+                    // (computed by `forward` whenever it takes this path).
+                    out[j * rows + i] = unsafe {
+                        avx2::dot_blocks(format, &x[i * k..(i + 1) * k], xsum_row(i), w)
+                    };
+                }
+            }
+            return;
+        }
+    }
+    let mut block = [0f32; BLOCK_ELEMS];
+    for j in 0..nrows {
+        let w = &src[j * row_bytes..(j + 1) * row_bytes];
+        for i in 0..rows {
+            let xr = &x[i * k..(i + 1) * k];
+            let mut sum = 0f32;
+            for (b, wb) in w.chunks_exact(format.block_bytes()).enumerate() {
+                qweight::dequantize_block(format, wb, &mut block);
+                sum += dot(&xr[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS], &block);
+            }
+            out[j * rows + i] = sum;
+        }
+    }
 }
 
 /// Dot products of every row of `x` with weight rows read from their
 /// stored bytes (`src` holds whole rows), out in `rows`-major-per-weight
-/// order like [`run_tile`].
+/// order like [`multiply_tile`].
 fn run_direct(
     dtype: DType,
     src: &[u8],
@@ -209,8 +302,96 @@ fn run_direct(
 /// Dot products straight from stored weight bytes with AVX2 intrinsics.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::qweight::{BlockFormat, BLOCK_ELEMS};
     use qvl_core::DType;
     use std::arch::x86_64::*;
+
+    /// 8 signed bytes at `p` widened to 8 f32.
+    ///
+    /// # Safety
+    /// AVX2 must be present and `p..p + 8` readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn i8x8_to_ps(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable bytes at `p`; the load is unaligned.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
+    }
+
+    /// The low 8 bytes of `v` (values 0..16) widened to 8 f32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn u8x8_to_ps(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+
+    /// `x . w` where `w` holds `x.len() / 32` blocks of `format` and, for
+    /// int4 formats, `xsum[b]` is the sum of `x` over block `b`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `x.len()` must be a multiple of
+    /// 32, `w.len()` that many blocks, and `xsum` (int4) one sum per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_blocks(format: BlockFormat, x: &[f32], xsum: &[f32], w: &[u8]) -> f32 {
+        let nb = x.len() / BLOCK_ELEMS;
+        let bb = format.block_bytes();
+        debug_assert_eq!(w.len(), nb * bb);
+        let xp = x.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        // Minimum (Q4_1) or offset (Q4_0) times the block sums of x.
+        let mut offset = 0f32;
+        let mask = _mm_set1_epi8(0x0f);
+        for b in 0..nb {
+            let blk = &w[b * bb..(b + 1) * bb];
+            let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+            // SAFETY: block `b` of x is x[32 b..32 b + 32] (in bounds: b < nb)
+            // and `blk` holds one whole block of `format` (`bb` bytes), so
+            // every load below reads inside them; all loads are unaligned.
+            let s = unsafe {
+                let xb = xp.add(b * BLOCK_ELEMS);
+                match format {
+                    BlockFormat::Q8_0 => {
+                        let q = blk.as_ptr().add(2);
+                        let mut s = _mm256_mul_ps(_mm256_loadu_ps(xb), i8x8_to_ps(q));
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(8)), i8x8_to_ps(q.add(8)), s);
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(16)), i8x8_to_ps(q.add(16)), s);
+                        _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(24)), i8x8_to_ps(q.add(24)), s)
+                    }
+                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                        let qoff = if format == BlockFormat::Q4_1 { 4 } else { 2 };
+                        let v = _mm_loadu_si128(blk.as_ptr().add(qoff) as *const __m128i);
+                        // Low nibbles are values 0..16, high nibbles 16..32.
+                        let lo = _mm_and_si128(v, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                        let mut s = _mm256_mul_ps(_mm256_loadu_ps(xb), u8x8_to_ps(lo));
+                        s = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(xb.add(8)),
+                            u8x8_to_ps(_mm_srli_si128(lo, 8)),
+                            s,
+                        );
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(xb.add(16)), u8x8_to_ps(hi), s);
+                        _mm256_fmadd_ps(
+                            _mm256_loadu_ps(xb.add(24)),
+                            u8x8_to_ps(_mm_srli_si128(hi, 8)),
+                            s,
+                        )
+                    }
+                }
+            };
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+            match format {
+                BlockFormat::Q8_0 => {}
+                BlockFormat::Q4_0 => offset -= 8.0 * d * xsum[b],
+                BlockFormat::Q4_1 => {
+                    let m = half::f16::from_bits(u16::from_le_bytes([blk[2], blk[3]])).to_f32();
+                    offset += m * xsum[b];
+                }
+            }
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 f32, the size of one AVX register.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        lanes.iter().sum::<f32>() + offset
+    }
 
     /// `x . w` where `w` holds `x.len()` elements of `dtype` (f32, f16, bf16).
     ///
@@ -279,34 +460,12 @@ mod avx2 {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(
-    dtype: DType,
-    src: &[u8],
-    tile: &mut [f32],
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    out: &mut [f32],
-) {
-    tile_body::<true>(dtype, src, tile, x, rows, k, out);
+unsafe fn tile_avx2(tile: &[f32], x: &[f32], rows: usize, k: usize, out: &mut [f32]) {
+    tile_body::<true>(tile, x, rows, k, out);
 }
 
 #[inline(always)]
-fn tile_body<const FMA: bool>(
-    dtype: DType,
-    src: &[u8],
-    tile: &mut [f32],
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    out: &mut [f32],
-) {
-    match dtype {
-        DType::Bf16 => convert_bf16(src, tile),
-        DType::F16 => convert_f16(src, tile),
-        // Linear::new accepts float weights only; f32 is the remaining case.
-        _ => convert_f32(src, tile),
-    }
+fn tile_body<const FMA: bool>(tile: &[f32], x: &[f32], rows: usize, k: usize, out: &mut [f32]) {
     let nrows = tile.len() / k;
     out.iter_mut().for_each(|o| *o = 0.0);
     // k in blocks so that the tile's block stays in L1 while every row of
@@ -503,5 +662,81 @@ mod tests {
                 assert!((a - e).abs() < 1e-4, "{a} vs {e}");
             }
         }
+    }
+
+    /// Quantized blocks give what the f32 path gives on the dequantized
+    /// values, for decode (direct) and prefill (tiled) shapes alike.
+    #[test]
+    fn blocks_match_the_f32_path_on_dequantized_weights() {
+        let (n, k) = (37, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 211) as f32 / 100.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..9 * k)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 0.9)
+            .collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
+        let bias = StoredTensor::from_f32("b", vec![n], &b).unwrap();
+        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
+            let q = qweight::quantize(format, &w).unwrap();
+            let mut deq = vec![0f32; n * k];
+            format.dequantize(&q, &mut deq);
+            let dense = Linear::new(
+                StoredTensor::from_f32("w", vec![n, k], &deq).unwrap(),
+                Some(&bias),
+                n,
+                k,
+            )
+            .unwrap();
+            let quant = Linear::new(
+                StoredTensor::from_blocks("w", format, vec![n, k], q).unwrap(),
+                Some(&bias),
+                n,
+                k,
+            )
+            .unwrap();
+            assert_eq!(quant.block_format(), Some(format));
+            assert_eq!(quant.weight_bytes(), n * k / 32 * format.block_bytes());
+            for rows in [1, 3, 9] {
+                let want = dense.forward(&x[..rows * k], rows);
+                let got = quant.forward(&x[..rows * k], rows);
+                let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+                for (a, e) in got.iter().zip(&want) {
+                    assert!(
+                        (a - e).abs() <= 1e-4 * scale.max(1.0),
+                        "{format} rows {rows}: {a} vs {e}"
+                    );
+                }
+                if rows > DIRECT_MAX_ROWS {
+                    // Tiled: the same f32 tile, so the same bits.
+                    assert_eq!(got, want, "{format}");
+                }
+            }
+            // The scalar fallback agrees with the SIMD kernel.
+            let nb = k / 32;
+            let xsums: Vec<f32> = x[..k].chunks_exact(32).map(|c| c.iter().sum()).collect();
+            let mut out = vec![0f32; n];
+            let src = quant.weight().bytes.as_slice();
+            let mut block = [0f32; 32];
+            for j in 0..n {
+                let row = &src[j * nb * format.block_bytes()..(j + 1) * nb * format.block_bytes()];
+                let mut sum = 0f32;
+                for (bi, wb) in row.chunks_exact(format.block_bytes()).enumerate() {
+                    qweight::dequantize_block(format, wb, &mut block);
+                    sum += dot(&x[bi * 32..(bi + 1) * 32], &block);
+                }
+                out[j] = sum + b[j];
+            }
+            let _ = &xsums;
+            let got = quant.forward(&x[..k], 1);
+            for (a, e) in got.iter().zip(&out) {
+                assert!((a - e).abs() <= 1e-4 * e.abs().max(1.0), "{a} vs {e}");
+            }
+        }
+        // Rows that are not whole blocks are refused with the tensor's name.
+        let q = qweight::quantize(BlockFormat::Q8_0, &w[..32 * 3]).unwrap();
+        let t = StoredTensor::from_blocks("odd", BlockFormat::Q8_0, vec![3, 32], q).unwrap();
+        let err = Linear::new(t, None, 2, 48).unwrap_err().to_string();
+        assert!(err.contains("odd"), "{err}");
     }
 }

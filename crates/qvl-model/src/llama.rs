@@ -14,6 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::gguf::{self, GgufError, GgufFile, LlamaHyperparams};
 use crate::kv::{PagedKvCache, DEFAULT_BLOCK_TOKENS};
 use crate::ops::{argmax, Activation};
+use crate::qweight::{BlockFormat, LoadOptions, QuantizingSource, WeightFormat, WeightReport};
 use crate::tensor::{Bytes, StoredTensor};
 use crate::text::{DecoderTensorNames, LayerProvider, Logits, TextDecoder};
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -36,8 +37,10 @@ pub struct GgufWeights {
     hparams: LlamaHyperparams,
     /// Hugging Face name -> GGUF name.
     by_hf_name: HashMap<String, String>,
-    /// Bytes of the f32 tensors handed out so far.
+    /// Bytes of the tensors handed out so far.
     served_bytes: AtomicUsize,
+    /// Whether matrices in Q8_0/Q4_0/Q4_1 are handed out as their blocks.
+    keep_blocks: bool,
 }
 
 impl GgufWeights {
@@ -62,7 +65,15 @@ impl GgufWeights {
             hparams,
             by_hf_name,
             served_bytes: AtomicUsize::new(0),
+            keep_blocks: false,
         })
+    }
+
+    /// Hands out 2-D Q8_0/Q4_0/Q4_1 tensors as their blocks (no
+    /// dequantization, no error) instead of f32 when `keep` is true.
+    pub fn keep_blocks(mut self, keep: bool) -> Self {
+        self.keep_blocks = keep;
+        self
     }
 
     /// The mapped file.
@@ -153,10 +164,25 @@ impl WeightSource for GgufWeights {
             .file
             .tensor_info(gguf_name)
             .map_err(|e| gguf_error(path, e))?;
+        let shape = info.shape();
+        let blocks = match info.ty {
+            gguf::GgmlType::Q8_0 => Some(BlockFormat::Q8_0),
+            gguf::GgmlType::Q4_0 => Some(BlockFormat::Q4_0),
+            gguf::GgmlType::Q4_1 => Some(BlockFormat::Q4_1),
+            _ => None,
+        };
+        if let (true, Some(format), 2) = (self.keep_blocks, blocks, shape.len()) {
+            let mut bytes = self.file.tensor_data(info).to_vec();
+            if let Some(heads) = self.permuted_heads(gguf_name) {
+                bytes = gguf::unpermute_qk_rows(&bytes, info.row_bytes(), heads, self.hparams.head_dim)
+                    .map_err(|e| gguf_error(path, e))?;
+            }
+            self.served_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
+            return StoredTensor::from_blocks(name, format, shape, bytes).map(Some);
+        }
         let mut values = vec![0f32; info.n_elems() as usize];
         gguf::dequantize(info.ty, self.file.tensor_data(info), &mut values)
             .map_err(|e| gguf_error(path, e))?;
-        let shape = info.shape();
         let mut bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         drop(values);
         if let Some(heads) = self.permuted_heads(gguf_name) {
@@ -272,6 +298,8 @@ pub struct GgufTextModel {
     decoder: TextDecoder,
     weight_bytes: usize,
     file_bytes: usize,
+    weight_format: WeightFormat,
+    weight_report: WeightReport,
 }
 
 impl GgufTextModel {
@@ -279,6 +307,13 @@ impl GgufTextModel {
     /// the GGUF file at `path`.
     pub fn load(path: &Path) -> Result<GgufTextModel> {
         Self::load_with(path, |_, _, _| Ok(None))
+    }
+
+    /// Loads with the weight matrices held as `options.weights` asks:
+    /// f32, the file's own blocks (`native`), re-quantized int8/int4, or per
+    /// matrix under an error budget.
+    pub fn load_with_options(path: &Path, options: &LoadOptions) -> Result<GgufTextModel> {
+        Self::load_with_options_and(path, options, |_, _, _| Ok(None))
     }
 
     /// [`GgufTextModel::load`], with the decoder layers served by the
@@ -294,7 +329,23 @@ impl GgufTextModel {
             &DecoderTensorNames,
         ) -> Result<Option<StreamedLayers>>,
     ) -> Result<GgufTextModel> {
-        let weights = GgufWeights::open(path)?;
+        Self::load_with_options_and(path, &LoadOptions::default(), layers)
+    }
+
+    /// [`GgufTextModel::load_with`] with [`LoadOptions`]: what stays resident
+    /// is held as `options.weights` asks (streamed layers come from
+    /// `layers`, which sees the file's blocks when the format is `native`).
+    pub fn load_with_options_and(
+        path: &Path,
+        options: &LoadOptions,
+        layers: impl FnOnce(
+            &DecoderConfig,
+            &GgufWeights,
+            &DecoderTensorNames,
+        ) -> Result<Option<StreamedLayers>>,
+    ) -> Result<GgufTextModel> {
+        let weights =
+            GgufWeights::open(path)?.keep_blocks(options.weights == WeightFormat::Native);
         let tokenizer = Tokenizer::from_gguf(weights.file().header()).map_err(|source| {
             ModelError::Tokenizer {
                 path: path.to_path_buf(),
@@ -306,20 +357,42 @@ impl GgufTextModel {
         let streamed = layers(&config, &weights, &names)?;
         // Layers copied into a provider are not resident: count from here.
         let served_before = weights.served_bytes();
+        let quantizing = matches!(
+            options.weights,
+            WeightFormat::Q8 | WeightFormat::Q4 | WeightFormat::Budget(_)
+        );
+        let src = QuantizingSource::new(&weights, options.clone(), config.num_layers);
+        let source: &dyn WeightSource = if quantizing { &src } else { &weights };
         let decoder = match streamed {
-            None => TextDecoder::load(config, &weights, &names)?,
+            None => TextDecoder::load(config, source, &names)?,
             Some(s) => {
-                TextDecoder::load_streamed(config, &weights, &names, s.provider, s.weight_bytes)?
+                TextDecoder::load_streamed(config, source, &names, s.provider, s.weight_bytes)?
             }
         };
+        let weight_report = src.report();
+        // Served bytes less what quantization took away from them.
+        let weight_bytes = (weights.served_bytes() - served_before + weight_report.output_bytes())
+            .saturating_sub(weight_report.input_bytes());
         Ok(GgufTextModel {
             path: path.to_path_buf(),
             hparams: weights.hyperparams().clone(),
             tokenizer,
             decoder,
-            weight_bytes: weights.served_bytes() - served_before,
+            weight_bytes,
             file_bytes: weights.file().bytes().len(),
+            weight_format: options.weights,
+            weight_report,
         })
+    }
+
+    /// How the weight matrices are held.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.weight_format
+    }
+
+    /// Per matrix, what re-quantization chose (empty for f32 and native).
+    pub fn weight_report(&self) -> &WeightReport {
+        &self.weight_report
     }
 
     /// The file it came from.
@@ -342,8 +415,8 @@ impl GgufTextModel {
         &self.decoder
     }
 
-    /// Bytes of the resident (dequantized f32) weights; with streamed
-    /// layers, of the embedding, final norm and lm head only.
+    /// Bytes of the resident weights (f32, or the blocks held); with
+    /// streamed layers, of the embedding, final norm and lm head only.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }

@@ -2,6 +2,7 @@
 //! were mapped from (or owned), and the conversions to f32 the kernels need.
 
 use crate::error::{ModelError, Result};
+use crate::qweight::{self, BlockFormat, BLOCK_ELEMS};
 use qvl_core::DType;
 use std::fmt;
 use std::sync::Arc;
@@ -83,6 +84,9 @@ pub struct StoredTensor {
     pub shape: Vec<usize>,
     /// The data.
     pub bytes: Bytes,
+    /// Set when the bytes are quantized blocks (scales inline; `dtype` is
+    /// then the packed values' type, `I8` or `I4Packed`).
+    blocks: Option<BlockFormat>,
 }
 
 impl StoredTensor {
@@ -108,7 +112,32 @@ impl StoredTensor {
             dtype,
             shape,
             bytes,
+            blocks: None,
         })
+    }
+
+    /// A matrix of quantized `format` blocks (rows in whole blocks).
+    pub fn from_blocks(
+        name: impl Into<String>,
+        format: BlockFormat,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    ) -> Result<Self> {
+        let name = name.into();
+        let bytes = Bytes::from_vec(data);
+        qweight::check_block_bytes(&name, format, &shape, &bytes)?;
+        Ok(StoredTensor {
+            name,
+            dtype: format.value_dtype(),
+            shape,
+            bytes,
+            blocks: Some(format),
+        })
+    }
+
+    /// The block format when the bytes are quantized blocks.
+    pub fn block_format(&self) -> Option<BlockFormat> {
+        self.blocks
     }
 
     /// An f32 tensor owning `values`.
@@ -132,9 +161,10 @@ impl StoredTensor {
         self.shape.iter().product()
     }
 
-    /// Whether the dtype is a float type the kernels read (f32, f16, bf16).
+    /// Whether the kernels read it as float values: f32, f16, bf16, or
+    /// quantized blocks (dequantized per tile).
     pub fn is_float(&self) -> bool {
-        matches!(self.dtype, DType::F32 | DType::F16 | DType::Bf16)
+        self.blocks.is_some() || matches!(self.dtype, DType::F32 | DType::F16 | DType::Bf16)
     }
 
     /// Converts elements `start..start + out.len()` to f32 into `out`.
@@ -148,6 +178,21 @@ impl StoredTensor {
             )));
         }
         let b = self.bytes.as_slice();
+        if let Some(format) = self.blocks {
+            // Whole blocks covering the range, then the part asked for.
+            let (first, last) = (start / BLOCK_ELEMS, end.div_ceil(BLOCK_ELEMS));
+            let bb = format.block_bytes();
+            let mut block = [0f32; BLOCK_ELEMS];
+            let mut at = 0;
+            for k in first..last {
+                qweight::dequantize_block(format, &b[k * bb..(k + 1) * bb], &mut block);
+                let lo = start.max(k * BLOCK_ELEMS) - k * BLOCK_ELEMS;
+                let hi = end.min((k + 1) * BLOCK_ELEMS) - k * BLOCK_ELEMS;
+                out[at..at + hi - lo].copy_from_slice(&block[lo..hi]);
+                at += hi - lo;
+            }
+            return Ok(());
+        }
         match self.dtype {
             DType::F32 => convert_f32(&b[start * 4..end * 4], out),
             DType::Bf16 => convert_bf16(&b[start * 2..end * 2], out),

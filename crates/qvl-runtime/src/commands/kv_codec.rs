@@ -1,9 +1,12 @@
 //! `qvl perplexity --kv-codec ...`: the perplexity of a text with the KV
-//! cache held int8/int4 (KIVI), against the f32 cache in the same run.
+//! cache held int8/int4 (KIVI), against the f32 cache in the same run;
+//! `qvl perplexity --weights ...`: with the weight matrices held f32, as
+//! the file's own blocks, or re-quantized int8/int4, compared in one run.
 
 use anyhow::{bail, Context, Result};
 use qvl_model::fetch::{self, SMOLLM2};
 use qvl_model::llama::GgufTextModel;
+use qvl_model::{LoadOptions, WeightFormat};
 use qvl_runtime::kv_codec::{measure_kv_codecs, KvCodecKind, KvCodecOptions, KvEvalOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,30 +29,18 @@ pub struct KvPerplexityArgs {
     pub sink_tokens: usize,
     /// Print JSON.
     pub json: bool,
+    /// How the model's weights are held.
+    pub weights: WeightFormat,
 }
 
 /// Runs the text with the f32 cache and each codec; prints perplexity,
 /// its change, KL, top-1 agreement and KV bytes.
 pub fn perplexity(args: KvPerplexityArgs) -> Result<ExitCode> {
-    let path = match args.model {
-        Some(p) => p,
-        None => fetch::find_cached(&SMOLLM2).with_context(|| {
-            format!(
-                "{} is not in the models cache: run `qvl fetch-model smollm2` or pass --model PATH",
-                SMOLLM2.file_name
-            )
-        })?,
-    };
-    if path.is_dir() {
-        bail!(
-            "{} is a directory; `qvl perplexity` runs GGUF models (a .gguf file)",
-            path.display()
-        );
-    }
+    let path = gguf_path(args.model)?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading the text {}", args.text.display()))?;
-    let model =
-        GgufTextModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = GgufTextModel::load_with_options(&path, &LoadOptions::new(args.weights))
+        .with_context(|| format!("loading {}", path.display()))?;
     let ids = model.tokenizer().encode(&text, true);
     let codecs: Vec<KvCodecOptions> = args
         .codecs
@@ -70,6 +61,134 @@ pub fn perplexity(args: KvPerplexityArgs) -> Result<ExitCode> {
     };
     let report = measure_kv_codecs(&model, &ids, &codecs, eval)?;
     print_report(&report, &path, args.json);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The .gguf to run: `model`, or SmolLM2 from the models cache.
+fn gguf_path(model: Option<PathBuf>) -> Result<PathBuf> {
+    let path = match model {
+        Some(p) => p,
+        None => fetch::find_cached(&SMOLLM2).with_context(|| {
+            format!(
+                "{} is not in the models cache: run `qvl fetch-model smollm2` or pass --model PATH",
+                SMOLLM2.file_name
+            )
+        })?,
+    };
+    if path.is_dir() {
+        bail!(
+            "{} is a directory; `qvl perplexity` runs GGUF models (a .gguf file)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// One weight format's run of [`weights_perplexity`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightsRun {
+    /// The format.
+    pub weights: WeightFormat,
+    /// Perplexity of the text.
+    pub perplexity: f64,
+    /// Change against the first format's perplexity.
+    pub perplexity_rel_change: f64,
+    /// Resident weight bytes.
+    pub weight_bytes: usize,
+    /// Bits per weight of the layers' matrices and the lm head.
+    pub bits_per_weight: f64,
+    /// Largest relative error of a re-quantized matrix (0 when none was).
+    pub max_rel_error: f64,
+    /// Seconds to load.
+    pub load_secs: f64,
+    /// Seconds to score the text.
+    pub secs: f64,
+}
+
+/// Scores the text in `text_file` with the weights held as each of
+/// `formats` (the first is the baseline), one model at a time.
+pub fn weights_perplexity(
+    model: Option<PathBuf>,
+    text_file: &Path,
+    formats: &[WeightFormat],
+    json: bool,
+) -> Result<ExitCode> {
+    let path = gguf_path(model)?;
+    let text = std::fs::read_to_string(text_file)
+        .with_context(|| format!("reading the text {}", text_file.display()))?;
+    let mut runs: Vec<WeightsRun> = Vec::new();
+    let mut tokens = 0;
+    for &weights in formats {
+        let t = std::time::Instant::now();
+        let model = GgufTextModel::load_with_options(&path, &LoadOptions::new(weights))
+            .with_context(|| format!("loading {} with {weights} weights", path.display()))?;
+        let load_secs = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let p = model.perplexity_of_text(&text)?;
+        let secs = t.elapsed().as_secs_f64();
+        tokens = p.tokens;
+        let base = runs.first().map_or(p.perplexity, |r| r.perplexity);
+        let d = model.decoder();
+        let c = d.config();
+        let per_layer = c.num_heads * c.head_dim * c.hidden_size * 2
+            + c.num_kv_heads * c.head_dim * c.hidden_size * 2
+            + 3 * c.hidden_size * c.intermediate_size;
+        let params = per_layer * c.num_layers + c.vocab_size * c.hidden_size;
+        runs.push(WeightsRun {
+            weights,
+            perplexity: p.perplexity,
+            perplexity_rel_change: p.perplexity / base - 1.0,
+            weight_bytes: model.weight_bytes(),
+            bits_per_weight: d.weight_bytes_per_token() as f64 * 8.0 / params as f64,
+            max_rel_error: model.weight_report().max_rel_error(),
+            load_secs,
+            secs,
+        });
+    }
+    if json {
+        let list: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "weights": r.weights.to_string(),
+                    "perplexity": r.perplexity,
+                    "perplexity_rel_change": r.perplexity_rel_change,
+                    "weight_bytes": r.weight_bytes,
+                    "bits_per_weight": r.bits_per_weight,
+                    "max_rel_error": r.max_rel_error,
+                    "load_secs": r.load_secs,
+                    "secs": r.secs,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": path.display().to_string(),
+                "tokens": tokens,
+                "runs": list,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{} tokens of {}", tokens, text_file.display());
+    println!(
+        "{:<12} {:>11} {:>9} {:>10} {:>8} {:>10} {:>8} {:>8}",
+        "weights", "perplexity", "change", "MiB", "bits/w", "max err", "load s", "score s"
+    );
+    for r in &runs {
+        println!(
+            "{:<12} {:>11.4} {:>+8.4}% {:>10.1} {:>8.2} {:>10.4} {:>8.2} {:>8.2}",
+            r.weights.to_string(),
+            r.perplexity,
+            100.0 * r.perplexity_rel_change,
+            r.weight_bytes as f64 / (1 << 20) as f64,
+            r.bits_per_weight,
+            r.max_rel_error,
+            r.load_secs,
+            r.secs
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
