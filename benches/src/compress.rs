@@ -739,8 +739,12 @@ fn weights_section(
         dec.1.push(linear_gflops(&blocks, 1, mm_reps * 10));
     }
     let best_of = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    let (pre_f32, pre_q4, dec_f32, dec_q4) =
-        (best_of(&pre.0), best_of(&pre.1), best_of(&dec.0), best_of(&dec.1));
+    let (pre_f32, pre_q4, dec_f32, dec_q4) = (
+        best_of(&pre.0),
+        best_of(&pre.1),
+        best_of(&dec.0),
+        best_of(&dec.1),
+    );
 
     let base_ppl = rows[0].perplexity;
     let tok_s = |r: &WeightsRow| 1.0 / median(r.decode_secs.clone());

@@ -9,7 +9,7 @@ use crate::lossless::ZstdStage;
 use crate::lowrank::{FactorStorage, LowRank, RankRule};
 use crate::quant::{GroupQuant, QuantAxis, QuantBits};
 use crate::sparse::SparseTopK;
-use qvl_core::{Codec, CodecId, CodecReport, Encoded, TensorKind};
+use qvl_core::{Codec, CodecId, CodecReport, Encoded, MetricEvent, MetricsRecorder, TensorKind};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -105,6 +105,7 @@ pub struct Selector {
     config: CompressionConfig,
     num_layers: u32,
     choices: Mutex<HashMap<Target, Arc<dyn Codec>>>,
+    recorder: Option<Arc<dyn MetricsRecorder>>,
 }
 
 impl std::fmt::Debug for Selector {
@@ -124,7 +125,27 @@ impl Selector {
             config,
             num_layers,
             choices: Mutex::new(HashMap::new()),
+            recorder: None,
         })
+    }
+
+    /// Records a [`MetricEvent::Compress`] (the target's kind, bytes in and
+    /// out, relative error) for every encoding [`Selector::select`] and
+    /// [`Selector::encode`] return.
+    pub fn with_recorder(mut self, recorder: Arc<dyn MetricsRecorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    fn record(&self, target: &Target, encoded: &Encoded) {
+        if let Some(r) = &self.recorder {
+            r.record(&MetricEvent::Compress {
+                kind: target.kind,
+                input_bytes: encoded.report.input_bytes,
+                output_bytes: encoded.report.output_bytes,
+                rel_error: encoded.report.rel_frobenius,
+            });
+        }
     }
 
     /// Its configuration.
@@ -210,8 +231,10 @@ impl Selector {
         shape: &[usize],
     ) -> qvl_core::Result<Selection> {
         let exact = |reason| -> qvl_core::Result<Selection> {
+            let encoded = ExactF32.encode(values, shape)?;
+            self.record(&target, &encoded);
             Ok(Selection {
-                encoded: ExactF32.encode(values, shape)?,
+                encoded,
                 codec: Arc::new(ExactF32),
                 candidates: Vec::new(),
                 reason,
@@ -265,6 +288,7 @@ impl Selector {
             }
         }
         self.remember(target, codec.clone());
+        self.record(&target, &encoded);
         Ok(Selection {
             encoded,
             codec,
@@ -287,6 +311,7 @@ impl Selector {
             if encoded.report.rel_frobenius <= self.config.budget_for(target.kind)
                 || codec.is_lossless()
             {
+                self.record(&target, &encoded);
                 return Ok(encoded);
             }
         }
@@ -362,6 +387,38 @@ mod tests {
         for c in &sel.candidates {
             assert!(!c.within_budget && c.report.rel_frobenius > 0.0, "{c:?}");
         }
+    }
+
+    #[test]
+    fn records_a_compress_event_per_encoding() {
+        #[derive(Default)]
+        struct Collect(Mutex<Vec<MetricEvent>>);
+        impl MetricsRecorder for Collect {
+            fn record(&self, e: &MetricEvent) {
+                self.0.lock().unwrap().push(*e);
+            }
+        }
+        let x = kv_data(256, 64);
+        let shape = [256, 64];
+        let events = Arc::new(Collect::default());
+        let s = Selector::new(config(0.2), 24)
+            .unwrap()
+            .with_recorder(events.clone());
+        let sel = s.select(Target::keys(5), &x, &shape).unwrap();
+        let again = s.encode(Target::keys(5), &x, &shape).unwrap();
+        s.select(Target::keys(0), &x, &shape).unwrap();
+        let got = events.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 3, "{got:?}");
+        let want = |e: &Encoded| MetricEvent::Compress {
+            kind: TensorKind::KvCache,
+            input_bytes: e.report.input_bytes,
+            output_bytes: e.report.output_bytes,
+            rel_error: e.report.rel_frobenius,
+        };
+        assert_eq!(got[0], want(&sel.encoded));
+        assert_eq!(got[1], want(&again));
+        // The critical layer: exact, no error, no saving.
+        assert!(matches!(got[2], MetricEvent::Compress { rel_error, .. } if rel_error == 0.0));
     }
 
     #[test]

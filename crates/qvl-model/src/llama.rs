@@ -174,8 +174,9 @@ impl WeightSource for GgufWeights {
         if let (true, Some(format), 2) = (self.keep_blocks, blocks, shape.len()) {
             let mut bytes = self.file.tensor_data(info).to_vec();
             if let Some(heads) = self.permuted_heads(gguf_name) {
-                bytes = gguf::unpermute_qk_rows(&bytes, info.row_bytes(), heads, self.hparams.head_dim)
-                    .map_err(|e| gguf_error(path, e))?;
+                bytes =
+                    gguf::unpermute_qk_rows(&bytes, info.row_bytes(), heads, self.hparams.head_dim)
+                        .map_err(|e| gguf_error(path, e))?;
             }
             self.served_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
             return StoredTensor::from_blocks(name, format, shape, bytes).map(Some);
@@ -344,8 +345,7 @@ impl GgufTextModel {
             &DecoderTensorNames,
         ) -> Result<Option<StreamedLayers>>,
     ) -> Result<GgufTextModel> {
-        let weights =
-            GgufWeights::open(path)?.keep_blocks(options.weights == WeightFormat::Native);
+        let weights = GgufWeights::open(path)?.keep_blocks(options.weights == WeightFormat::Native);
         let tokenizer = Tokenizer::from_gguf(weights.file().header()).map_err(|source| {
             ModelError::Tokenizer {
                 path: path.to_path_buf(),

@@ -137,7 +137,11 @@ pub fn quantize(format: BlockFormat, values: &[f32]) -> Result<Vec<u8>> {
             BlockFormat::Q8_0 => {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = half::f16::from_f32(amax / 127.0);
-                let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+                let inv = if d.to_f32() > 0.0 {
+                    1.0 / d.to_f32()
+                } else {
+                    0.0
+                };
                 out.extend_from_slice(&d.to_bits().to_le_bytes());
                 out.extend(
                     block
@@ -151,7 +155,11 @@ pub fn quantize(format: BlockFormat, values: &[f32]) -> Result<Vec<u8>> {
                     .iter()
                     .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
                 let d = half::f16::from_f32(max / -8.0);
-                let inv = if d.to_f32() != 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+                let inv = if d.to_f32() != 0.0 {
+                    1.0 / d.to_f32()
+                } else {
+                    0.0
+                };
                 out.extend_from_slice(&d.to_bits().to_le_bytes());
                 let q = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
                 for j in 0..16 {
@@ -166,7 +174,11 @@ pub fn quantize(format: BlockFormat, values: &[f32]) -> Result<Vec<u8>> {
                     });
                 let d = half::f16::from_f32((hi - lo) / 15.0);
                 let m = half::f16::from_f32(lo);
-                let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+                let inv = if d.to_f32() > 0.0 {
+                    1.0 / d.to_f32()
+                } else {
+                    0.0
+                };
                 out.extend_from_slice(&d.to_bits().to_le_bytes());
                 out.extend_from_slice(&m.to_bits().to_le_bytes());
                 let mf = m.to_f32();
@@ -338,7 +350,10 @@ impl WeightReport {
 
     /// Largest relative error of any matrix.
     pub fn max_rel_error(&self) -> f64 {
-        self.matrices.iter().map(|m| m.rel_error).fold(0.0, f64::max)
+        self.matrices
+            .iter()
+            .map(|m| m.rel_error)
+            .fold(0.0, f64::max)
     }
 
     /// Matrices held in `format` (None: kept float).
@@ -467,12 +482,8 @@ impl<'a> QuantizingSource<'a> {
                                     rel_error: err,
                                     ..keep("within budget")
                                 };
-                                let out = StoredTensor::from_blocks(
-                                    &t.name,
-                                    format,
-                                    t.shape.clone(),
-                                    q,
-                                )?;
+                                let out =
+                                    StoredTensor::from_blocks(&t.name, format, t.shape.clone(), q)?;
                                 (choice, out)
                             }
                             None => (keep("nothing within budget"), t),
@@ -522,7 +533,11 @@ impl WeightSource for QuantizingSource<'_> {
     }
 
     fn describe(&self) -> String {
-        format!("{} ({} weights)", self.inner.describe(), self.options.weights)
+        format!(
+            "{} ({} weights)",
+            self.inner.describe(),
+            self.options.weights
+        )
     }
 }
 

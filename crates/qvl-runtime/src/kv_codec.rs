@@ -22,7 +22,7 @@
 //! the same blocks and counts the values actually quantized.
 
 use qvl_compress::{ExactStorage, GroupQuant, KvBlockCodec, QuantAxis, QuantBits, TokenSpan};
-use qvl_core::Codec;
+use qvl_core::{Codec, MetricEvent, MetricsRecorder, TensorKind};
 use qvl_model::kv::PagedKvCache;
 use qvl_model::kv::{HostKvStorage, KvBlockId, KvBlockStorage, KvLayerView, KvLayout};
 use qvl_model::llama::{GgufTextModel, TextSession};
@@ -233,6 +233,8 @@ pub struct CodecKvStorage {
     /// Per layer: sequence index of the first block not encoded yet.
     next_encode: Vec<usize>,
     counters: Arc<Counters>,
+    /// Receives a `Compress` event per encoded keys or values slab.
+    recorder: Option<Arc<dyn MetricsRecorder>>,
 }
 
 /// The storage's counters, shared with its [`KvCodecMonitor`].
@@ -376,7 +378,15 @@ impl CodecKvStorage {
             layer_len: vec![0; layout.layers],
             next_encode: vec![0; layout.layers],
             counters: Arc::default(),
+            recorder: None,
         }
+    }
+
+    /// Records a [`MetricEvent::Compress`] (kind `KvCache`, bytes in and
+    /// out, relative error) for every keys or values slab encoded.
+    pub fn with_recorder(mut self, recorder: Arc<dyn MetricsRecorder>) -> CodecKvStorage {
+        self.recorder = Some(recorder);
+        self
     }
 
     /// The codec's name, for reports.
@@ -462,7 +472,7 @@ impl CodecKvStorage {
                 "encoding the {what} of layer {layer}, block {position}: {e}"
             ))
         };
-        let (kb, vb, quantized, exact_bytes) = match &codec {
+        let (kb, vb, quantized, exact_bytes, reports) = match &codec {
             SlabCodec::Kivi {
                 keys: kc,
                 values: vc,
@@ -479,6 +489,7 @@ impl CodecKvStorage {
                     v.bytes,
                     2 * (l.block_tokens - sinks) * l.token_width(),
                     2 * sinks * l.token_width() * width,
+                    [k.report, v.report],
                 )
             }
             SlabCodec::Plain(c) => {
@@ -489,9 +500,19 @@ impl CodecKvStorage {
                     .encode(values, &shape)
                     .map_err(|e| encode_err("values", e.to_string()))?;
                 let q = if c.is_lossless() { 0 } else { 2 * half };
-                (k.bytes, v.bytes, q, 0)
+                (k.bytes, v.bytes, q, 0, [k.report, v.report])
             }
         };
+        if let Some(r) = &self.recorder {
+            for report in reports {
+                r.record(&MetricEvent::Compress {
+                    kind: TensorKind::KvCache,
+                    input_bytes: report.input_bytes,
+                    output_bytes: report.output_bytes,
+                    rel_error: report.rel_frobenius,
+                });
+            }
+        }
         let bytes = kb.len() + vb.len();
         block.layers[layer] = Slab::Encoded {
             keys: kb,
@@ -1017,7 +1038,17 @@ mod tests {
             recent_tokens: 8,
             ..KvCodecOptions::of(KvCodecKind::Int4)
         };
-        let mut storage = CodecKvStorage::new(l, opts).unwrap();
+        #[derive(Default)]
+        struct Collect(std::sync::Mutex<Vec<MetricEvent>>);
+        impl MetricsRecorder for Collect {
+            fn record(&self, e: &MetricEvent) {
+                self.0.lock().unwrap().push(*e);
+            }
+        }
+        let events = Arc::new(Collect::default());
+        let mut storage = CodecKvStorage::new(l, opts)
+            .unwrap()
+            .with_recorder(events.clone());
         let ids: Vec<KvBlockId> = (0..5).map(|_| storage.allocate().unwrap()).collect();
         for (b, id) in ids.iter().enumerate() {
             for layer in 0..l.layers {
@@ -1026,14 +1057,31 @@ mod tests {
             }
         }
         // 40 tokens, recent 8: blocks 0..4 are encoded, block 4 open.
+        let w = l.token_width();
         let s = storage.stats();
         assert_eq!(s.encoded_slabs, 4 * l.layers);
         assert_eq!(s.open_slabs, l.layers);
+        // One Compress event per keys or values slab encoded.
+        let recorded = events.0.lock().unwrap().clone();
+        assert_eq!(recorded.len(), 2 * s.encoded_slabs);
+        for e in recorded {
+            let MetricEvent::Compress {
+                kind,
+                input_bytes,
+                output_bytes,
+                rel_error,
+            } = e
+            else {
+                panic!("{e:?}")
+            };
+            assert_eq!(kind, TensorKind::KvCache);
+            assert_eq!(input_bytes as usize, l.block_tokens * w * 4);
+            assert!(output_bytes < input_bytes && rel_error > 0.0 && rel_error < 0.2);
+        }
         assert_eq!(
             s.quantized_values,
             2 * (32 - 3) * l.token_width() * l.layers
         );
-        let w = l.token_width();
         for layer in 0..l.layers {
             let (hk, hv) = block_kv(l, 0, layer);
             let got = storage.read(ids[0], layer).unwrap();
