@@ -713,18 +713,20 @@ mod tests {
             }
             // The scalar fallback agrees with the SIMD kernel.
             let nb = k / 32;
-            let mut out = vec![0f32; n];
             let src = quant.weight().bytes.as_slice();
             let mut block = [0f32; 32];
-            for j in 0..n {
-                let row = &src[j * nb * format.block_bytes()..(j + 1) * nb * format.block_bytes()];
-                let mut sum = 0f32;
-                for (bi, wb) in row.chunks_exact(format.block_bytes()).enumerate() {
-                    qweight::dequantize_block(format, wb, &mut block);
-                    sum += dot(&x[bi * 32..(bi + 1) * 32], &block);
-                }
-                out[j] = sum + b[j];
-            }
+            let out: Vec<f32> = src
+                .chunks_exact(nb * format.block_bytes())
+                .zip(&b)
+                .map(|(row, bias)| {
+                    let mut sum = 0f32;
+                    for (bi, wb) in row.chunks_exact(format.block_bytes()).enumerate() {
+                        qweight::dequantize_block(format, wb, &mut block);
+                        sum += dot(&x[bi * 32..(bi + 1) * 32], &block);
+                    }
+                    sum + bias
+                })
+                .collect();
             let got = quant.forward(&x[..k], 1);
             for (a, e) in got.iter().zip(&out) {
                 assert!((a - e).abs() <= 1e-4 * e.abs().max(1.0), "{a} vs {e}");

@@ -162,8 +162,8 @@ pub fn quantize(format: BlockFormat, values: &[f32]) -> Result<Vec<u8>> {
                 };
                 out.extend_from_slice(&d.to_bits().to_le_bytes());
                 let q = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
-                for j in 0..16 {
-                    out.push(q(block[j]) | (q(block[j + 16]) << 4));
+                for (lo, hi) in block[..16].iter().zip(&block[16..]) {
+                    out.push(q(*lo) | (q(*hi) << 4));
                 }
             }
             BlockFormat::Q4_1 => {
@@ -183,8 +183,8 @@ pub fn quantize(format: BlockFormat, values: &[f32]) -> Result<Vec<u8>> {
                 out.extend_from_slice(&m.to_bits().to_le_bytes());
                 let mf = m.to_f32();
                 let q = |v: f32| ((v - mf) * inv).round().clamp(0.0, 15.0) as u8;
-                for j in 0..16 {
-                    out.push(q(block[j]) | (q(block[j + 16]) << 4));
+                for (lo, hi) in block[..16].iter().zip(&block[16..]) {
+                    out.push(q(*lo) | (q(*hi) << 4));
                 }
             }
         }
