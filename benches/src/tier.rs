@@ -18,7 +18,7 @@ use qvl_model::llama::{GgufTextModel, StreamedLayers};
 use qvl_model::ops::Activation;
 use qvl_model::random::{decoder_tensor_shapes, random_weights};
 use qvl_model::text::{DecoderTensorNames, Logits, TextDecoder};
-use qvl_model::{DecoderConfig, RopeConfig, RopeKind, SafetensorsFile};
+use qvl_model::{DecoderConfig, LoadOptions, RopeConfig, RopeKind, SafetensorsFile, WeightFormat};
 use qvl_runtime::config::TieringConfig;
 use qvl_runtime::weights_tier::{self, TieredLayers};
 use qvl_tier::TierConfig;
@@ -360,6 +360,7 @@ fn smollm2_tiered(
     budget: u64,
     depth: usize,
     dir: &Path,
+    options: &LoadOptions,
 ) -> Result<(GgufTextModel, Arc<TieredLayers>)> {
     let tier = TierConfig {
         cpu_ram: ByteSize(budget),
@@ -368,7 +369,7 @@ fn smollm2_tiered(
         ..weights_tier::tier_config(&TieringConfig::default()).context("tiering is on")?
     };
     let mut built = None;
-    let model = GgufTextModel::load_with(path, |cfg, weights, names| {
+    let model = GgufTextModel::load_with_options_and(path, options, |cfg, weights, names| {
         let layers = Arc::new(TieredLayers::build(cfg, weights, names, tier)?);
         built = Some(layers.clone());
         Ok(Some(StreamedLayers {
@@ -414,6 +415,7 @@ fn smollm2_rows(
 ) -> Result<serde_json::Value> {
     let steps = if quick { 4 } else { 12 };
     let budget = ByteSize::mib(64).bytes();
+    let f32 = LoadOptions::default();
     let resident = GgufTextModel::load(path).context("loading SmolLM2")?;
     let (ram_tps, ram_tokens, _) = smollm2_decode(&resident, None, steps)?;
     drop(resident);
@@ -423,7 +425,7 @@ fn smollm2_rows(
         None::<(f64, Vec<u32>)>,
     );
     for _ in 0..rounds {
-        let (model, layers) = smollm2_tiered(path, budget, PREFETCH_DEPTH, dir)?;
+        let (model, layers) = smollm2_tiered(path, budget, PREFETCH_DEPTH, dir, &f32)?;
         let (tps, tokens, streamed) = smollm2_decode(&model, Some(&layers), steps)?;
         if best.as_ref().is_none_or(|b| tps > b.0) {
             best = Some((tps, tokens, streamed, layers));
@@ -432,7 +434,7 @@ fn smollm2_rows(
         if quick {
             continue; // --quick: the tiered run only (each load streams 405 MiB out)
         }
-        let (model, layers) = smollm2_tiered(path, budget, 0, dir)?;
+        let (model, layers) = smollm2_tiered(path, budget, 0, dir, &f32)?;
         let (tps, tokens, _) = smollm2_decode(&model, Some(&layers), steps)?;
         if best_static.as_ref().is_none_or(|b| tps > b.0) {
             best_static = Some((tps, tokens));
@@ -475,7 +477,49 @@ fn smollm2_rows(
         bound,
         0.7,
     ));
+    // The file's own Q4_1 blocks, resident and streamed: a sixth of the bytes.
+    let native = LoadOptions::new(WeightFormat::Native);
+    let resident = GgufTextModel::load_with_options(path, &native)?;
+    let (native_ram_tps, native_ram_tokens, _) = smollm2_decode(&resident, None, steps)?;
+    drop(resident);
+    let (model, native_layers) = smollm2_tiered(path, budget, PREFETCH_DEPTH, dir, &native)?;
+    let (native_tps, native_tokens, native_streamed) =
+        smollm2_decode(&model, Some(&native_layers), steps)?;
+    drop(model);
+    let native_same = native_tokens == native_ram_tokens;
+    let ns = native_layers.stats();
+    println!(
+        "SmolLM2 native Q4_1 blocks at 64 MiB ({:.1} MiB of layers): tiered {:.2} tok/s (f32 layers {:.2}), all-in-RAM native {:.2}, {:.1} MB read per token, {} of 30 layers kept, tokens equal: {native_same}",
+        native_layers.image_bytes() as f64 / 1048576.0,
+        native_tps,
+        tps,
+        native_ram_tps,
+        native_streamed / 1e6,
+        ns.tiers[1].objects
+    );
+    criteria.push(Criterion::higher_is_better(
+        "SmolLM2 native blocks at 64 MiB: output equals all-in-RAM native",
+        "bool",
+        f64::from(u8::from(native_same)),
+        1.0,
+        1.0,
+    ));
+    criteria.push(Criterion::higher_is_better(
+        "SmolLM2 at 64 MiB: native Q4_1 layers vs f32 layers",
+        "tokens/s",
+        native_tps,
+        tps,
+        1.0,
+    ));
     Ok(json!({
+        "native": {
+            "layer_image_bytes": native_layers.image_bytes(),
+            "tiered_tokens_per_s": native_tps,
+            "all_in_ram_tokens_per_s": native_ram_tps,
+            "streamed_bytes_per_token": native_streamed,
+            "tokens_equal_all_in_ram": native_same,
+            "stats": ns,
+        },
         "model": path.display().to_string(),
         "budget_bytes": budget,
         "layer_image_bytes": images,

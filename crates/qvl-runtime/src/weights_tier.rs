@@ -14,9 +14,10 @@ use crate::config::{self, Config, MigrationPolicy, TieringConfig};
 use qvl_core::{ByteSize, DType, MetricsRecorder, TensorKind, Tier};
 use qvl_model::checkpoint::WeightSource;
 use qvl_model::llama::{GgufTextModel, StreamedLayers};
+use qvl_model::qweight::QuantizingSource;
 use qvl_model::tensor::{ByteOwner, Bytes, StoredTensor};
 use qvl_model::text::{DecoderLayer, DecoderTensorNames, LayerProvider, TextDecoder};
-use qvl_model::{DecoderConfig, ModelError};
+use qvl_model::{BlockFormat, DecoderConfig, LoadOptions, ModelError, WeightFormat};
 use qvl_tier::{
     ObjectId, PlacementPolicy, Resident, TierConfig, TierError, TierManager, TierStats,
 };
@@ -29,6 +30,8 @@ use std::sync::{Arc, Mutex};
 struct TensorEntry {
     name: String,
     dtype: DType,
+    /// Set for quantized blocks (a GGUF file's own, or re-quantized).
+    blocks: Option<BlockFormat>,
     shape: Vec<usize>,
     offset: usize,
     len: usize,
@@ -94,6 +97,7 @@ impl TieredLayers {
                 table.push(TensorEntry {
                     name,
                     dtype: t.dtype,
+                    blocks: t.block_format(),
                     shape: t.shape.clone(),
                     offset: image.len(),
                     len: t.bytes.len(),
@@ -254,7 +258,17 @@ impl LayerImage {
                     owner.bytes().len()
                 ))
             })?;
-            let t = StoredTensor::new(e.name.clone(), e.dtype, e.shape.clone(), bytes)?;
+            let t = match e.blocks {
+                // Blocks carry their format beside the bytes; the constructor
+                // takes owned bytes (a few MiB per quantized layer).
+                Some(format) => StoredTensor::from_blocks(
+                    e.name.clone(),
+                    format,
+                    e.shape.clone(),
+                    bytes.as_slice().to_vec(),
+                )?,
+                None => StoredTensor::new(e.name.clone(), e.dtype, e.shape.clone(), bytes)?,
+            };
             tensors.insert(e.name.clone(), t);
         }
         Ok(LayerImage { tensors })
@@ -335,6 +349,20 @@ impl WeightTiering {
         budgets: WeightBudgets,
         recorder: Option<Arc<dyn MetricsRecorder>>,
     ) -> qvl_model::Result<(GgufTextModel, WeightTiering)> {
+        Self::load_gguf_as(path, config, budgets, recorder, &LoadOptions::default())
+    }
+
+    /// [`WeightTiering::load_gguf`] with the weight matrices held as
+    /// `options.weights` asks, streamed layers included: `native` streams
+    /// the file's own Q8_0/Q4_0/Q4_1 blocks (a quarter to a sixth of the
+    /// f32 bytes), q8/q4/budget stream the re-quantized matrices.
+    pub fn load_gguf_as(
+        path: &Path,
+        config: &Config,
+        budgets: WeightBudgets,
+        recorder: Option<Arc<dyn MetricsRecorder>>,
+        options: &LoadOptions,
+    ) -> qvl_model::Result<(GgufTextModel, WeightTiering)> {
         let mut notes = Vec::new();
         if let Some(gpu) = budgets.gpu.filter(|_| !gpu_tier_available()) {
             notes.push(format!(
@@ -364,7 +392,7 @@ impl WeightTiering {
             (None, _) => None,
         };
         let Some(tier) = tier else {
-            let model = GgufTextModel::load(path)?;
+            let model = GgufTextModel::load_with_options(path, options)?;
             return Ok((
                 model,
                 WeightTiering {
@@ -376,7 +404,7 @@ impl WeightTiering {
         };
         let ram = tier.cpu_ram;
         let mut built = None;
-        let model = GgufTextModel::load_with(path, |cfg, weights, names| {
+        let model = GgufTextModel::load_with_options_and(path, options, |cfg, weights, names| {
             // The file's pages of a layer are dropped once it is on the SSD
             // tier: the mapped file does not stay resident beside the budget.
             let file = weights.file();
@@ -391,9 +419,15 @@ impl WeightTiering {
                 }
                 Ok(())
             };
+            // The layers are held as the resident weights would be.
+            let quantizing = QuantizingSource::new(weights, options.clone(), cfg.num_layers);
+            let src: &dyn WeightSource = match options.weights {
+                WeightFormat::Q8 | WeightFormat::Q4 | WeightFormat::Budget(_) => &quantizing,
+                WeightFormat::F32 | WeightFormat::Native => weights,
+            };
             let layers = Arc::new(TieredLayers::build_with(
                 cfg,
-                weights,
+                src,
                 names,
                 tier,
                 recorder,
@@ -462,10 +496,14 @@ impl WeightTiering {
             mib(model.file_bytes() as u64),
             model.hyperparams().architecture
         );
+        let held = match model.weight_format() {
+            WeightFormat::F32 => "f32".to_string(),
+            other => format!("matrices {other}"),
+        };
         match &self.layers {
-            None => format!("dequantized to f32 from {file}"),
+            None => format!("{held}, from {file}"),
             Some(l) => format!(
-                "embedding, norm and lm head resident (f32, from {file}); {} layers \
+                "embedding, norm and lm head resident ({held}, from {file}); {} layers \
                  ({:.1} MiB) streamed under the RAM budget",
                 l.len(),
                 mib(l.image_bytes())
@@ -783,5 +821,40 @@ mod tests {
         let (m, t) = WeightTiering::load_gguf(&path, &off, budgets, None).unwrap();
         assert!(!m.decoder().is_streamed());
         assert!(t.notes().iter().any(|n| n.contains("enabled = false")));
+    }
+
+    #[test]
+    fn smollm2_native_blocks_stream_under_a_budget_with_the_resident_tokens() {
+        let Some(path) = qvl_model::fetch::find_cached(&qvl_model::fetch::SMOLLM2) else {
+            eprintln!(
+                "SKIPPED smollm2_native_blocks_stream_under_a_budget_with_the_resident_tokens: \
+                 SmolLM2 is not in the models cache; fetch it with `qvl fetch-model smollm2`"
+            );
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_spilling_to(dir.path());
+        let native = LoadOptions::new(WeightFormat::Native);
+        let (resident, _) =
+            WeightTiering::load_gguf_as(&path, &config, WeightBudgets::default(), None, &native)
+                .unwrap();
+        let want = greedy(&resident, 6);
+        drop(resident);
+        let budgets = WeightBudgets {
+            ram: Some(ByteSize::mib(16)),
+            gpu: None,
+        };
+        let (streamed, tiering) =
+            WeightTiering::load_gguf_as(&path, &config, budgets, None, &native).unwrap();
+        assert_eq!(greedy(&streamed, 6), want);
+        let layers = tiering.layers().unwrap();
+        // The file's Q4_1 blocks (and f32 norms): about a sixth of f32.
+        assert!(layers.image_bytes() < 100 << 20, "{}", layers.image_bytes());
+        let s = layers.stats();
+        assert!(
+            s.ssd_read_bytes > 0 && s.tiers[1].peak <= 16 << 20,
+            "{}",
+            s.summary()
+        );
     }
 }
