@@ -13,7 +13,11 @@
 //! - `valgrind <crate>`: runs a crate's tests under valgrind memcheck.
 //! - `gpu-check [--build-only]`: builds with `--features cuda`, runs the
 //!   CUDA tests and the GPU benchmark rows, results in `target/gpu-check/`.
+//! - `fuzz [--quick|--seconds N] [--stable] [target...]`: fuzzes the
+//!   parsers (see `fuzz/README.md`).
 #![deny(missing_docs)]
+
+mod fuzz;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -48,6 +52,9 @@ Tasks:
                           build with --features cuda, run the CUDA tests and GPU bench rows;
                           results in target/gpu-check/ (--build-only: build and clippy only;
                           --bundle DIR: prebuilt binaries + run.sh for a GPU machine without Rust)
+  fuzz [--quick|--seconds N] [--stable] [target...]
+                          fuzz every parser (cargo-fuzz if installed, else the stable
+                          corpus replay and mutation loop); --quick is 10 s per target
 ";
 
 fn main() -> Result<()> {
@@ -65,6 +72,7 @@ fn main() -> Result<()> {
         "config-reference" => config_reference(rest),
         "valgrind" => valgrind(rest),
         "gpu-check" => gpu_check(rest),
+        "fuzz" => fuzz::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
