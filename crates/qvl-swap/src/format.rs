@@ -169,7 +169,8 @@ pub fn verify_record<'a>(record: &'a [u8], expect: &RecordHeader) -> Result<&'a 
             expect.codec, expect.payload_len
         ));
     }
-    let end = HEADER_LEN as u64 + len;
+    // Saturating: a length near u64::MAX must be a reason, not an overflow.
+    let end = (HEADER_LEN as u64).saturating_add(len);
     if end > record.len() as u64 {
         return Err(format!(
             "payload of {len} bytes runs past the {} bytes read",
