@@ -14,9 +14,12 @@
 
 use std::path::{Path, PathBuf};
 
+/// One target's entry point: must not panic on any input.
+pub type Harness = fn(&[u8]);
+
 /// The fuzz targets, by name: the directory of each one's corpus under
 /// `fuzz/corpus/` and its cargo-fuzz binary carry the same name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),
     ("config_toml", config_toml),
@@ -46,7 +49,12 @@ pub fn gguf(data: &[u8]) {
             let mut out = vec![0f32; n as usize];
             let _ = dequantize(info.ty, bytes, &mut out);
         }
-        let _ = (info.shape(), info.row_len(), info.n_rows(), info.row_bytes());
+        let _ = (
+            info.shape(),
+            info.row_len(),
+            info.n_rows(),
+            info.row_bytes(),
+        );
     }
     let _ = LlamaHyperparams::from_header(&header);
     if let Ok(tok) = qvl_model::tokenizer::Tokenizer::from_gguf(&header) {
@@ -96,7 +104,12 @@ pub fn config_toml(data: &[u8]) {
         return;
     };
     for line in text.lines().take(64) {
-        let value = line.rsplit('=').next().unwrap_or(line).trim().trim_matches('"');
+        let value = line
+            .rsplit('=')
+            .next()
+            .unwrap_or(line)
+            .trim()
+            .trim_matches('"');
         let _ = value.parse::<qvl_core::ByteSize>();
         let _ = value.parse::<qvl_runtime::config::HumanDuration>();
     }

@@ -56,7 +56,10 @@ fn parse(args: &[String], all: &[String]) -> Result<Options> {
                     .clone();
             }
             t if all.iter().any(|n| n == t) => o.targets.push(t.to_string()),
-            other => bail!("unknown fuzz option or target {other:?}; targets: {}", all.join(", ")),
+            other => bail!(
+                "unknown fuzz option or target {other:?}; targets: {}",
+                all.join(", ")
+            ),
         }
     }
     if o.targets.is_empty() {
@@ -116,11 +119,15 @@ struct Outcome {
 }
 
 fn with_cargo_fuzz(root: &Path, o: &Options) -> Result<()> {
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from);
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let work = target_dir.join("qvl-fuzz");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    println!("==> cargo fuzz build ({} targets, sanitizer {})", o.targets.len(), o.sanitizer);
+    println!(
+        "==> cargo fuzz build ({} targets, sanitizer {})",
+        o.targets.len(),
+        o.sanitizer
+    );
     let start = Instant::now();
     let status = fuzz_cmd(root, o, "build")
         .status()
@@ -128,7 +135,10 @@ fn with_cargo_fuzz(root: &Path, o: &Options) -> Result<()> {
     if !status.success() {
         bail!("cargo fuzz build failed ({status})");
     }
-    println!("<== cargo fuzz build: {:.1}s", start.elapsed().as_secs_f64());
+    println!(
+        "<== cargo fuzz build: {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
     let mut outcomes = Vec::new();
     for t in &o.targets {
         let scratch = work.join("corpus").join(t);
@@ -176,7 +186,9 @@ fn with_cargo_fuzz(root: &Path, o: &Options) -> Result<()> {
         println!(
             "<== fuzz {t}: {} execs in {secs:.0} s{}",
             execs.map_or("?".to_string(), |n| n.to_string()),
-            crash.as_ref().map_or(String::new(), |c| format!(", CRASH: {c}"))
+            crash
+                .as_ref()
+                .map_or(String::new(), |c| format!(", CRASH: {c}"))
         );
         if crash.is_none() && !o.quick {
             // Keep only inputs that add coverage to the committed corpus.
@@ -204,9 +216,12 @@ fn with_cargo_fuzz(root: &Path, o: &Options) -> Result<()> {
 
 fn fuzz_cmd(root: &Path, o: &Options, sub: &str) -> Command {
     let mut c = Command::new("cargo");
-    c.current_dir(root)
-        .env("RUSTC_BOOTSTRAP", "1")
-        .args(["fuzz", sub, "--sanitizer", &o.sanitizer]);
+    c.current_dir(root).env("RUSTC_BOOTSTRAP", "1").args([
+        "fuzz",
+        sub,
+        "--sanitizer",
+        &o.sanitizer,
+    ]);
     c
 }
 
@@ -289,15 +304,24 @@ mod tests {
     #[test]
     fn reads_libfuzzer_final_stats() {
         let log = "#1024 DONE cov: 10\nstat::number_of_executed_units: 123456\nstat::average_exec_per_sec:     12345\n";
-        assert_eq!(final_stat(log, "stat::number_of_executed_units:"), Some(123456));
-        assert_eq!(final_stat("nothing", "stat::number_of_executed_units:"), None);
+        assert_eq!(
+            final_stat(log, "stat::number_of_executed_units:"),
+            Some(123456)
+        );
+        assert_eq!(
+            final_stat("nothing", "stat::number_of_executed_units:"),
+            None
+        );
     }
 
     #[test]
     fn options_pick_time_and_targets() {
         let all = vec!["gguf".to_string(), "image".to_string()];
         let o = parse(&["--quick".into(), "image".into()], &all).unwrap();
-        assert_eq!((o.secs, o.targets.clone()), (QUICK_SECS, vec!["image".to_string()]));
+        assert_eq!(
+            (o.secs, o.targets.clone()),
+            (QUICK_SECS, vec!["image".to_string()])
+        );
         let o = parse(&["--seconds".into(), "3".into()], &all).unwrap();
         assert_eq!((o.secs, o.targets.len()), (3, 2));
         assert!(parse(&["nope".into()], &all).is_err());

@@ -86,12 +86,18 @@ fn pool_cache_and_swap_under_load_account_every_byte_and_lose_no_block() {
         // Pool: allocate, tag, check, free; some buffers freed by another thread.
         let (tx, rx) = std::sync::mpsc::channel::<(qvl_pool::PoolBuffer, u8)>();
         for t in 0..3u64 {
-            let (pool, stop, ops, tx) = (pool.clone(), Arc::clone(&stop), Arc::clone(&ops), tx.clone());
+            let (pool, stop, ops, tx) = (
+                pool.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&ops),
+                tx.clone(),
+            );
             s.spawn(move || {
                 let mut rng = Rng(0xabc + t);
                 let mut held = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let bytes = 1 + rng.below(if rng.below(8) == 0 { 2 << 20 } else { 64 << 10 }) as usize;
+                    let max = if rng.below(8) == 0 { 2 << 20 } else { 64 << 10 };
+                    let bytes = 1 + rng.below(max) as usize;
                     let mut buf = pool
                         .allocate(&AllocRequest::bytes(bytes, TensorKind::Activation))
                         .unwrap();
@@ -144,7 +150,9 @@ fn pool_cache_and_swap_under_load_account_every_byte_and_lose_no_block() {
                             _ => {
                                 let got = cache.get(&BlockKey::from_id(id)).unwrap();
                                 match versions.get(&id) {
-                                    Some(&(v, len)) => assert_eq!(got, Some(block(id, v, len)), "key {id}"),
+                                    Some(&(v, len)) => {
+                                        assert_eq!(got, Some(block(id, v, len)), "key {id}")
+                                    }
                                     None => assert_eq!(got, None, "key {id} came back"),
                                 }
                             }
@@ -188,7 +196,9 @@ fn pool_cache_and_swap_under_load_account_every_byte_and_lose_no_block() {
                                 let id = 100_000 * (t + 1) + rng.below(32);
                                 let got = swap.get(&BlockKey::from_id(id)).unwrap();
                                 match versions.get(&id) {
-                                    Some(&(v, len)) => assert_eq!(got, Some(block(id, v, len)), "swap key {id}"),
+                                    Some(&(v, len)) => {
+                                        assert_eq!(got, Some(block(id, v, len)), "swap key {id}")
+                                    }
                                     None => assert_eq!(got, None),
                                 }
                             }
@@ -209,7 +219,10 @@ fn pool_cache_and_swap_under_load_account_every_byte_and_lose_no_block() {
                 assert!(p.allocated_bytes <= p.peak_allocated_bytes);
                 assert!(p.free_count <= p.alloc_count);
                 let used = cache_m.used_bytes();
-                assert!(used[0].bytes() <= ram_capacity, "L1 over capacity: {used:?}");
+                assert!(
+                    used[0].bytes() <= ram_capacity,
+                    "L1 over capacity: {used:?}"
+                );
                 assert!(used[1].bytes() <= 16 << 20, "SSD over capacity: {used:?}");
                 checks += 1;
                 std::thread::sleep(Duration::from_millis(5));
@@ -223,10 +236,14 @@ fn pool_cache_and_swap_under_load_account_every_byte_and_lose_no_block() {
         stop.store(true, Ordering::Relaxed);
         let checks = monitor.join().unwrap();
         assert!(checks > 0);
-        let cache_live: Vec<HashMap<u64, (u64, usize)>> =
-            cache_workers.into_iter().map(|w| w.join().unwrap()).collect();
-        let swap_live: Vec<HashMap<u64, (u64, usize)>> =
-            swap_workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let cache_live: Vec<HashMap<u64, (u64, usize)>> = cache_workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect();
+        let swap_live: Vec<HashMap<u64, (u64, usize)>> = swap_workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect();
         (cache_live, swap_live)
     });
     let (cache_live, swap_live) = live;
@@ -247,7 +264,12 @@ fn pool_cache_and_swap_under_load_account_every_byte_and_lose_no_block() {
     assert!(pool.stats().reserved_bytes <= ByteSize::mib(64).bytes());
 
     // Cache: nothing dropped, every live block exact, then empty to zero.
-    assert_eq!(cache.stats().dropped, 0, "a block was lost: {:?}", cache.stats());
+    assert_eq!(
+        cache.stats().dropped,
+        0,
+        "a block was lost: {:?}",
+        cache.stats()
+    );
     let tiers = cache.tiers();
     assert_eq!(tiers, vec![Tier::HostRam, Tier::Ssd]);
     let live_bytes: u64 = cache_live
@@ -256,21 +278,34 @@ fn pool_cache_and_swap_under_load_account_every_byte_and_lose_no_block() {
         .map(|&(_, len)| len as u64)
         .sum();
     let used: u64 = cache.used_bytes().iter().map(|b| b.bytes()).sum();
-    assert!(used >= live_bytes, "cache accounts {used} bytes for {live_bytes} live");
+    assert!(
+        used >= live_bytes,
+        "cache accounts {used} bytes for {live_bytes} live"
+    );
     for m in &cache_live {
         for (&id, &(v, len)) in m {
-            assert_eq!(cache.get(&BlockKey::from_id(id)).unwrap(), Some(block(id, v, len)));
+            assert_eq!(
+                cache.get(&BlockKey::from_id(id)).unwrap(),
+                Some(block(id, v, len))
+            );
             assert!(cache.remove(&BlockKey::from_id(id)).unwrap());
         }
     }
-    assert!(cache.used_bytes().iter().all(|b| b.bytes() == 0), "{:?}", cache.used_bytes());
+    assert!(
+        cache.used_bytes().iter().all(|b| b.bytes() == 0),
+        "{:?}",
+        cache.used_bytes()
+    );
     assert_eq!((ssd.len(), ssd.used_bytes()), (0, 0));
     assert_eq!(ssd.stats().integrity_failures, 0);
 
     // Swap: every live block exact, then every page freed.
     for m in &swap_live {
         for (&id, &(v, len)) in m {
-            assert_eq!(swap.get(&BlockKey::from_id(id)).unwrap(), Some(block(id, v, len)));
+            assert_eq!(
+                swap.get(&BlockKey::from_id(id)).unwrap(),
+                Some(block(id, v, len))
+            );
             assert!(swap.remove(&BlockKey::from_id(id)).unwrap());
         }
     }

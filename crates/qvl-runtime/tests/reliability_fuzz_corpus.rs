@@ -129,7 +129,9 @@ fn report_crashes(target: &str, crashes: &[(Vec<u8>, String)]) -> Vec<String> {
         let name = format!("crash-stable-{:016x}", xxh(input));
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join(&name), input);
-        out.push(format!("{target}: {msg} (input saved as fuzz/artifacts/{target}/{name})"));
+        out.push(format!(
+            "{target}: {msg} (input saved as fuzz/artifacts/{target}/{name})"
+        ));
     }
     out
 }
@@ -183,7 +185,10 @@ fn mutate_for_a_while() {
     let mut failures = Vec::new();
     quietly(|| {
         for (i, (name, f)) in TARGETS.iter().enumerate() {
-            if wanted.as_ref().is_some_and(|w| !w.iter().any(|n| n == name)) {
+            if wanted
+                .as_ref()
+                .is_some_and(|w| !w.iter().any(|n| n == name))
+            {
                 continue;
             }
             let (execs, crashes) = mutation_loop(
@@ -212,7 +217,10 @@ fn write_generated_seeds() {
     use qvl_swap::format::{encode_header, record_pages, RecordHeader, HEADER_LEN, PAGE};
     let dir = fuzz_dir().join("corpus/swap_record");
     std::fs::create_dir_all(&dir).unwrap();
-    for (i, len) in [0usize, 1, 100, PAGE - HEADER_LEN, 5000].into_iter().enumerate() {
+    for (i, len) in [0usize, 1, 100, PAGE - HEADER_LEN, 5000]
+        .into_iter()
+        .enumerate()
+    {
         let payload: Vec<u8> = (0..len).map(|j| (j * 31 + i) as u8).collect();
         let h = RecordHeader {
             codec: CodecId(i as u16),

@@ -26,7 +26,7 @@ fn config(dir: &Path) -> SwapConfig {
 /// back with another's bytes, another version's or a mix is caught.
 fn block(id: u64, version: u64, len: usize) -> Block {
     let data: Vec<u8> = (0..len)
-        .map(|i| (i as u64 * 31 + id * 7 + version * 13) as u8)
+        .map(|i| (i as u64 * 31 + id.wrapping_mul(7) + version.wrapping_mul(13)) as u8)
         .collect();
     Block::raw(
         BlockKey::from_id(id),
@@ -61,8 +61,16 @@ fn crash_child(dir: &Path) -> ! {
     println!("ready");
     let mut i = 0u64;
     loop {
-        let _ = store.put_batch((0..4).map(|j| block(i * 4 + j, i, 9_000 + j as usize * 3_000)).collect());
-        let _ = store.put_streamed((0..3).map(|j| (j as u32, block(1_000_000 + j, i, 5_000))).collect());
+        let _ = store.put_batch(
+            (0..4)
+                .map(|j| block(i * 4 + j, i, 9_000 + j as usize * 3_000))
+                .collect(),
+        );
+        let _ = store.put_streamed(
+            (0..3)
+                .map(|j| (j as u32, block(1_000_000 + j, i, 5_000)))
+                .collect(),
+        );
         if i % 6 == 5 {
             for j in 0..24 {
                 let _ = store.remove(&BlockKey::from_id((i - 5) * 4 + j));
@@ -133,20 +141,37 @@ fn repeated_sigkills_mid_write_lose_nothing_and_leave_no_stale_files() {
             store.path().to_path_buf(),
         ];
         expected.sort();
-        assert_eq!(names_in(tmp.path()), expected, "round {round}: stale files stay");
+        assert_eq!(
+            names_in(tmp.path()),
+            expected,
+            "round {round}: stale files stay"
+        );
         stale_removed += before + 1 - expected.len();
         assert!(store.is_empty());
         assert_eq!(store.get(&BlockKey::from_id(0)).unwrap(), None);
-        let mine: Vec<Block> = (0..4).map(|i| block(i, round, 6_000 + i as usize)).collect();
+        let mine: Vec<Block> = (0..4)
+            .map(|i| block(i, round, 6_000 + i as usize))
+            .collect();
         store.put_batch(mine.clone()).unwrap();
-        for b in mine.iter().chain(&kept) {
-            let from = if b.key.0 >= 50_000 { &neighbour } else { &store };
-            assert_eq!(from.get(&b.key).unwrap().as_ref(), Some(b), "round {round}");
+        for (from, blocks) in [(&store, &mine), (&neighbour, &kept)] {
+            for b in blocks {
+                assert!(
+                    from.get(&b.key).unwrap().as_ref() == Some(b),
+                    "round {round}: wrong bytes"
+                );
+            }
         }
     }
-    assert_eq!(stale_removed as u64, 2 * CRASH_ROUNDS, "one swap file and one .tmp per kill");
+    assert_eq!(
+        stale_removed as u64,
+        2 * CRASH_ROUNDS,
+        "one swap file and one .tmp per kill"
+    );
     assert_eq!(neighbour.stats().integrity_failures, 0);
-    assert_eq!(std::fs::read(tmp.path().join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(
+        std::fs::read(tmp.path().join("notes.txt")).unwrap(),
+        b"mine"
+    );
 }
 
 /// Mounts a tmpfs of `size` at `dir` (root only); None when not allowed.
@@ -205,14 +230,20 @@ fn a_file_system_that_fills_after_start_up_loses_no_block() {
         store.put(b.clone()).unwrap();
     }
     for b in &blocks {
-        assert_eq!(store.get(&b.key).unwrap().as_ref(), Some(b));
+        assert!(
+            store.get(&b.key).unwrap().as_ref() == Some(b),
+            "wrong bytes"
+        );
     }
     // Replacements on a full disk keep working too.
-    for b in &blocks[..10] {
-        store.put(block(b.key.0 as u64, 1, 20_000)).unwrap();
+    for i in 0..10 {
+        store.put(block(i, 1, 20_000)).unwrap();
     }
     for i in 0..10 {
-        assert_eq!(store.get(&BlockKey::from_id(i)).unwrap(), Some(block(i, 1, 20_000)));
+        assert_eq!(
+            store.get(&BlockKey::from_id(i)).unwrap(),
+            Some(block(i, 1, 20_000))
+        );
     }
 }
 
@@ -236,11 +267,18 @@ fn injected_enospc_at_every_point_of_a_batch_keeps_every_old_block() {
         match store.put_batch(batch) {
             Err(e) => {
                 assert!(matches!(e, SwapError::DiskFull { .. }), "{e}");
-                assert!(e.to_string().contains(&tmp.path().display().to_string()), "{e}");
+                assert!(
+                    e.to_string().contains(&tmp.path().display().to_string()),
+                    "{e}"
+                );
                 faults += 1;
                 assert_eq!(store.used_bytes(), used, "budget {budget}: pages leaked");
                 for b in &old {
-                    assert_eq!(store.get(&b.key).unwrap().as_ref(), Some(b), "budget {budget}");
+                    assert_eq!(
+                        store.get(&b.key).unwrap().as_ref(),
+                        Some(b),
+                        "budget {budget}"
+                    );
                 }
                 assert_eq!(store.get(&BlockKey::from_id(11)).unwrap(), None);
             }
@@ -295,7 +333,10 @@ fn permission_denied_is_a_clear_error() {
         return;
     }
     // World-traversable parent so that only the inner directory refuses.
-    let parent = tempfile::Builder::new().prefix("qvl-perm").tempdir_in("/tmp").unwrap();
+    let parent = tempfile::Builder::new()
+        .prefix("qvl-perm")
+        .tempdir_in("/tmp")
+        .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let private = parent.path().join("private");
@@ -310,7 +351,11 @@ fn permission_denied_is_a_clear_error() {
         (parent.path().join("roots"), "owned by uid 0"),
     ] {
         let out = Command::new(&exe)
-            .args(["--exact", "permission_denied_is_a_clear_error", "--nocapture"])
+            .args([
+                "--exact",
+                "permission_denied_is_a_clear_error",
+                "--nocapture",
+            ])
             .env("QVL_RELIABILITY_PERM_CHILD", &dir)
             .uid(65534)
             .gid(65534)
@@ -321,10 +366,16 @@ fn permission_denied_is_a_clear_error() {
         };
         let text = String::from_utf8_lossy(&out.stdout);
         if !text.contains("ERROR") && !text.contains("OPENED") {
-            eprintln!("skipped: the test binary is not runnable as uid 65534: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "skipped: the test binary is not runnable as uid 65534: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             return;
         }
-        let line = text.lines().find(|l| l.starts_with("ERROR")).unwrap_or_else(|| panic!("uid 65534 opened {}: {text}", dir.display()));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("ERROR"))
+            .unwrap_or_else(|| panic!("uid 65534 opened {}: {text}", dir.display()));
         assert!(line.contains(expect), "{line}");
         assert!(line.contains(&dir.display().to_string()), "{line}");
     }
@@ -339,10 +390,19 @@ fn a_symlinked_or_foreign_swap_directory_is_refused_and_left_alone() {
     std::fs::write(real.join("keep.bin"), b"data").unwrap();
     let link = tmp.path().join("link");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let err = SsdStore::open(&config(&link)).err().expect("symlink refused");
+    let err = SsdStore::open(&config(&link))
+        .err()
+        .expect("symlink refused");
     assert!(matches!(err, SwapError::SymlinkDirectory { .. }), "{err}");
-    assert!(err.to_string().contains(&link.display().to_string()), "{err}");
-    assert_eq!(names_in(&real), vec![real.join("keep.bin")], "nothing written through the link");
+    assert!(
+        err.to_string().contains(&link.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        names_in(&real),
+        vec![real.join("keep.bin")],
+        "nothing written through the link"
+    );
     // A dangling link is refused the same way, and nothing is created.
     let dangling = tmp.path().join("dangling");
     std::os::unix::fs::symlink(tmp.path().join("missing"), &dangling).unwrap();
@@ -364,11 +424,22 @@ fn a_symlinked_or_foreign_swap_directory_is_refused_and_left_alone() {
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("qvl-swap-1-0.swap"), b"theirs").unwrap();
     if std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).is_ok() {
-        let err = SsdStore::open(&config(&foreign)).err().expect("foreign refused");
-        assert!(matches!(err, SwapError::ForeignOwner { owner: 65534, .. }), "{err}");
-        assert!(err.to_string().contains(&foreign.display().to_string()), "{err}");
+        let err = SsdStore::open(&config(&foreign))
+            .err()
+            .expect("foreign refused");
+        assert!(
+            matches!(err, SwapError::ForeignOwner { owner: 65534, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&foreign.display().to_string()),
+            "{err}"
+        );
         // Its files, even ones named like stale swap files, stay.
-        assert_eq!(std::fs::read(foreign.join("qvl-swap-1-0.swap")).unwrap(), b"theirs");
+        assert_eq!(
+            std::fs::read(foreign.join("qvl-swap-1-0.swap")).unwrap(),
+            b"theirs"
+        );
     } else {
         eprintln!("skipped the foreign-owner case: chown needs root");
     }
