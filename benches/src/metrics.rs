@@ -150,6 +150,7 @@ impl MetricsRecorder for MutexCollector {
                 add("gc_freed", 0, freed);
                 add("gc_pause", 0, pause.as_nanos() as u64);
             }
+            MetricEvent::Phase { phase, .. } => add("phase", u32::from(phase), 1),
             MetricEvent::Tokens { count, elapsed } => {
                 add("tokens", 0, count);
                 add("token_nanos", 0, elapsed.as_nanos() as u64);

@@ -37,7 +37,7 @@ pub use codec::{Codec, CodecId, CodecReport, Encoded};
 pub use error::{CoreError, Result};
 pub use key::BlockKey;
 pub use lifetime::{LifetimeTracker, TensorId, UseSite};
-pub use metrics::{MetricEvent, MetricsRecorder, NoopRecorder};
+pub use metrics::{MetricEvent, MetricsRecorder, NoopRecorder, PhaseState, PHASE_NAMES};
 pub use policy::{BlockInfo, EvictionPolicy};
 pub use size::{ByteSize, ParseSizeError};
 pub use store::{Block, BlockStore};

@@ -83,6 +83,21 @@ pub enum MetricEvent {
         /// Time it took.
         pause: Duration,
     },
+    /// A phase of the runtime's pipeline changed state, or reports its
+    /// measured overhead (sent at start-up, on every change and once per
+    /// decode step by the runtime).
+    Phase {
+        /// The phase's number: 1 pool, 2 cache, 3 compression, 4 swapping,
+        /// 5 tiering, 6 gc.
+        phase: u8,
+        /// Its state now.
+        state: PhaseState,
+        /// Mean measured overhead, as a share of step (or request) time;
+        /// NaN before it was measured.
+        overhead: f64,
+        /// The phase's overhead budget, in the same unit.
+        budget: f64,
+    },
     /// Tokens were produced.
     Tokens {
         /// How many.
@@ -91,6 +106,35 @@ pub enum MetricEvent {
         elapsed: Duration,
     },
 }
+
+/// Where a phase of the pipeline stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseState {
+    /// Built and in the run path.
+    On,
+    /// Not asked for, or nothing for it to do: the original path runs.
+    Off,
+    /// Asked for but its manager failed to start: the original path runs.
+    Failed,
+    /// Switched off at run time for costing more than its overhead budget.
+    Deactivated,
+}
+
+impl PhaseState {
+    /// The word in reports ("on", "off", "failed", "deactivated").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseState::On => "on",
+            PhaseState::Off => "off",
+            PhaseState::Failed => "failed",
+            PhaseState::Deactivated => "deactivated",
+        }
+    }
+}
+
+/// The names of the six phases, by number - 1.
+pub const PHASE_NAMES: [&str; 6] = ["pool", "cache", "compression", "swapping", "tiering", "gc"];
 
 /// Receives observations.
 pub trait MetricsRecorder: Send + Sync {

@@ -19,6 +19,9 @@ pub enum AlertKind {
     HitRate,
     /// Swap operations over the window took longer than the budget.
     SwapLatency,
+    /// A pipeline phase was switched off at run time for costing more than
+    /// its overhead budget.
+    PhaseDeactivated,
 }
 
 /// An active alert.
@@ -151,6 +154,25 @@ impl AlertEngine {
             }
         }
 
+        for phase in &snapshot.phases {
+            if phase.state == qvl_core::PhaseState::Deactivated {
+                let overhead = phase.overhead.unwrap_or(0.0);
+                fire(
+                    format!("phase.{}", phase.name),
+                    AlertKind::PhaseDeactivated,
+                    format!(
+                        "phase {} {} was switched off at run time: its overhead ({:.1}% of step time on average) passed its {:.1}% budget; the original path runs",
+                        phase.phase,
+                        phase.name,
+                        overhead * 100.0,
+                        phase.budget * 100.0
+                    ),
+                    overhead,
+                    phase.budget,
+                );
+            }
+        }
+
         for (id, alert) in &firing {
             if !self.active.contains_key(id) {
                 tracing::warn!(alert = %id, value = alert.value, threshold = alert.threshold, "{}", alert.message);
@@ -187,7 +209,7 @@ fn merged(a: &HistogramSnapshot, b: &HistogramSnapshot) -> HistogramSnapshot {
 mod tests {
     use super::*;
     use crate::Collector;
-    use qvl_core::{ByteSize, MetricEvent, MetricsRecorder, Tier};
+    use qvl_core::{ByteSize, MetricEvent, MetricsRecorder, PhaseState, Tier};
 
     fn thresholds() -> AlertThresholds {
         let mut t = AlertThresholds {
@@ -277,5 +299,58 @@ mod tests {
             hit: false,
         });
         assert!(engine.evaluate(&c.snapshot(), Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_deactivated_phase_is_shown_and_alerts() {
+        let c = Collector::new();
+        let mut engine = AlertEngine::new(thresholds());
+        let phase = |phase: u8, state, overhead: f64| MetricEvent::Phase {
+            phase,
+            state,
+            overhead,
+            budget: 0.05,
+        };
+        c.record(&phase(1, PhaseState::On, f64::NAN));
+        c.record(&phase(6, PhaseState::On, 0.01));
+        let snapshot = c.snapshot();
+        let states: Vec<_> = snapshot
+            .phases
+            .iter()
+            .map(|p| (p.phase, p.name.as_str(), p.state, p.overhead))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (1, "pool", PhaseState::On, None),
+                (6, "gc", PhaseState::On, Some(0.01))
+            ]
+        );
+        assert!(engine.evaluate(&snapshot, Instant::now()).is_empty());
+
+        c.record(&phase(6, PhaseState::Deactivated, 0.2));
+        let snapshot = c.snapshot();
+        let alerts = engine.evaluate(&snapshot, Instant::now());
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].id, "phase.gc");
+        assert_eq!(alerts[0].kind, AlertKind::PhaseDeactivated);
+        assert!(alerts[0].message.contains("20.0%") && alerts[0].message.contains("5.0% budget"));
+        let text = crate::prometheus::render(&snapshot);
+        assert!(
+            text.contains("qvl:phase_state{phase=\"gc\",state=\"deactivated\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("qvl:phase_state{phase=\"pool\",state=\"on\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("qvl:phase_overhead_ratio{phase=\"gc\"} 0.2"),
+            "{text}"
+        );
+        // The dashboard's JSON round-trips.
+        let json = serde_json::to_string(&snapshot).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.phases, snapshot.phases);
     }
 }

@@ -3,10 +3,10 @@
 
 use crate::histogram::{nanos, AtomicHistogram, HistogramSnapshot};
 use crate::snapshot::{
-    CacheLevelSnapshot, CompressionKindSnapshot, GcSnapshot, MigrationSnapshot, Snapshot,
-    SwapDirectionSnapshot, TierSnapshot, TokensSnapshot,
+    CacheLevelSnapshot, CompressionKindSnapshot, GcSnapshot, MigrationSnapshot, PhaseSnapshot,
+    Snapshot, SwapDirectionSnapshot, TierSnapshot, TokensSnapshot,
 };
-use qvl_core::{MetricEvent, MetricsRecorder, TensorKind, Tier};
+use qvl_core::{MetricEvent, MetricsRecorder, PhaseState, TensorKind, Tier, PHASE_NAMES};
 use std::cell::Cell;
 use std::sync::atomic::{
     AtomicBool, AtomicI64, AtomicU32, AtomicU64,
@@ -237,6 +237,24 @@ struct TierGauge {
     peak_reserved: AtomicU64,
 }
 
+/// What the runtime last reported with [`MetricEvent::Phase`] for a phase.
+#[derive(Debug, Default)]
+struct PhaseGauge {
+    /// 0: never reported; else 1 + the state's index in [`PHASE_STATES`].
+    state: AtomicU32,
+    /// f64 bits of the mean overhead (NaN: not measured).
+    overhead: AtomicU64,
+    /// f64 bits of the overhead budget.
+    budget: AtomicU64,
+}
+
+const PHASE_STATES: [PhaseState; 4] = [
+    PhaseState::On,
+    PhaseState::Off,
+    PhaseState::Failed,
+    PhaseState::Deactivated,
+];
+
 /// Time-weighted memory accounting, advanced by [`Collector::sample_at`].
 #[derive(Debug)]
 struct SamplerState {
@@ -256,6 +274,7 @@ struct SamplerState {
 pub struct Collector {
     shards: Box<[Shard]>,
     gauges: [TierGauge; TIERS],
+    phases: [PhaseGauge; PHASE_NAMES.len()],
     started: Instant,
     started_unix_ms: u64,
     sampler: Mutex<SamplerState>,
@@ -274,6 +293,7 @@ impl Collector {
         Collector {
             shards: (0..=OWNED_SHARDS).map(|_| Shard::default()).collect(),
             gauges: std::array::from_fn(|_| TierGauge::default()),
+            phases: std::array::from_fn(|_| PhaseGauge::default()),
             started,
             started_unix_ms: unix_ms(SystemTime::now()),
             sampler: Mutex::new(SamplerState {
@@ -526,6 +546,24 @@ impl Collector {
             elapsed_seconds: sum(&|s| s.token_nanos.load(Relaxed)) as f64 / 1e9,
         };
 
+        let phases = self
+            .phases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| {
+                let state = g.state.load(Relaxed);
+                let state = *PHASE_STATES.get((state as usize).checked_sub(1)?)?;
+                let overhead = f64::from_bits(g.overhead.load(Relaxed));
+                Some(PhaseSnapshot {
+                    phase: i as u8 + 1,
+                    name: PHASE_NAMES[i].to_string(),
+                    state,
+                    overhead: overhead.is_finite().then_some(overhead),
+                    budget: f64::from_bits(g.budget.load(Relaxed)),
+                })
+            })
+            .collect();
+
         let elapsed_ms = u64::try_from(now.saturating_duration_since(self.started).as_millis())
             .unwrap_or(u64::MAX);
         Snapshot {
@@ -540,6 +578,7 @@ impl Collector {
             migrations,
             gc,
             tokens,
+            phases,
         }
     }
 }
@@ -637,6 +676,23 @@ impl Collector {
                 U::add(&shard.gc_freed, freed);
                 shard.gc_pause.record::<U>(p);
                 U::max(&shard.gc_pause_max_nanos, p);
+            }
+            MetricEvent::Phase {
+                phase,
+                state,
+                overhead,
+                budget,
+            } => {
+                // Rare (once per step at most): a shared gauge, not a shard.
+                if let Some(g) = (phase as usize)
+                    .checked_sub(1)
+                    .and_then(|i| self.phases.get(i))
+                {
+                    let index = PHASE_STATES.iter().position(|s| *s == state).unwrap_or(0);
+                    g.state.store(index as u32 + 1, Relaxed);
+                    g.overhead.store(overhead.to_bits(), Relaxed);
+                    g.budget.store(budget.to_bits(), Relaxed);
+                }
             }
             MetricEvent::Tokens { count, elapsed } => {
                 U::add(&shard.tokens, count);

@@ -154,6 +154,10 @@
         items.push(["memory " + (TIERS[t.tier] || t.tier) + " now / peak", bytes(t.allocated_bytes) + " / " + bytes(t.peak_allocated_bytes)]);
       }
     }
+    for (const ph of (s.phases || [])) {
+      const overhead = ph.overhead === null || ph.overhead === undefined ? "" : " (" + pct(ph.overhead) + ")";
+      items.push(["phase " + ph.phase + " " + ph.name, ph.state + overhead]);
+    }
     const root = document.getElementById("cards");
     root.replaceChildren.apply(root, items.map(function (it) {
       const card = document.createElement("div");

@@ -35,8 +35,8 @@ pub use error::MetricsError;
 pub use histogram::HistogramSnapshot;
 pub use snapshot::{
     human_bytes, human_seconds, CacheLevelSnapshot, CompressionKindSnapshot, GcSnapshot,
-    MemoryReport, MigrationSnapshot, PerformanceReport, Snapshot, SwapDirectionSnapshot,
-    TierSnapshot, TokensSnapshot,
+    MemoryReport, MigrationSnapshot, PerformanceReport, PhaseSnapshot, Snapshot,
+    SwapDirectionSnapshot, TierSnapshot, TokensSnapshot,
 };
 
 #[cfg(doctest)]

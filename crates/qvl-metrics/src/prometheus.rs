@@ -322,6 +322,34 @@ pub fn render(s: &Snapshot) -> String {
         e.sample("qvl:migration_bytes_total", &labels, m.bytes as f64);
     }
 
+    if !s.phases.is_empty() {
+        e.family(
+            "qvl:phase_state",
+            "gauge",
+            "State of each pipeline phase: 1 for the state it is in.",
+        );
+        for p in &s.phases {
+            for state in ["on", "off", "failed", "deactivated"] {
+                let value = if p.state.as_str() == state { 1.0 } else { 0.0 };
+                e.sample(
+                    "qvl:phase_state",
+                    &[("phase", p.name.as_str()), ("state", state)],
+                    value,
+                );
+            }
+        }
+        e.family(
+            "qvl:phase_overhead_ratio",
+            "gauge",
+            "Mean measured overhead of each pipeline phase, as a share of step time.",
+        );
+        for p in &s.phases {
+            if let Some(o) = p.overhead {
+                e.sample("qvl:phase_overhead_ratio", &[("phase", p.name.as_str())], o);
+            }
+        }
+    }
+
     e.family("qvl:gc_runs_total", "counter", "Garbage-collector runs.");
     e.sample("qvl:gc_runs_total", &[], s.gc.runs as f64);
     e.family(

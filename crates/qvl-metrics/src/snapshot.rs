@@ -2,7 +2,7 @@
 //! performance report derived from it.
 
 use crate::histogram::HistogramSnapshot;
-use qvl_core::{TensorKind, Tier};
+use qvl_core::{PhaseState, TensorKind, Tier};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
@@ -139,6 +139,21 @@ pub struct GcSnapshot {
     pub pause: HistogramSnapshot,
 }
 
+/// A pipeline phase as the runtime last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSnapshot {
+    /// 1 pool, 2 cache, 3 compression, 4 swapping, 5 tiering, 6 gc.
+    pub phase: u8,
+    /// "pool", "cache", ...
+    pub name: String,
+    /// On, off, failed to start, or switched off at run time.
+    pub state: PhaseState,
+    /// Mean measured overhead as a share of step time, when measured.
+    pub overhead: Option<f64>,
+    /// Its overhead budget, in the same unit.
+    pub budget: f64,
+}
+
 /// Produced tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokensSnapshot {
@@ -174,6 +189,9 @@ pub struct Snapshot {
     pub gc: GcSnapshot,
     /// Produced tokens.
     pub tokens: TokensSnapshot,
+    /// The runtime's pipeline phases that reported a state, in phase order.
+    #[serde(default)]
+    pub phases: Vec<PhaseSnapshot>,
 }
 
 impl Snapshot {

@@ -205,30 +205,7 @@ impl FromStr for PhaseSelection {
     }
 }
 
-/// Where a phase stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PhaseState {
-    /// Built and in the run path.
-    On,
-    /// Not asked for, or nothing for it to do: the original path runs.
-    Off,
-    /// Asked for but its manager failed to start: the original path runs.
-    Failed,
-    /// Switched off at run time for costing more than its budget.
-    Deactivated,
-}
-
-impl PhaseState {
-    /// The word in reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PhaseState::On => "on",
-            PhaseState::Off => "off",
-            PhaseState::Failed => "failed",
-            PhaseState::Deactivated => "deactivated",
-        }
-    }
-}
+pub use qvl_core::PhaseState;
 
 /// One phase's line of the report.
 #[derive(Debug, Clone, PartialEq)]
@@ -634,6 +611,19 @@ impl Pipeline {
         let s = &mut self.statuses[phase as usize];
         s.state = state;
         s.reason = reason.into();
+        self.report_phase(phase);
+    }
+
+    /// Sends a phase's state and mean overhead to the metrics recorder (the
+    /// dashboard shows them; a deactivation raises an alert there).
+    fn report_phase(&self, phase: Phase) {
+        let overhead = self.overheads[phase as usize].mean().unwrap_or(f64::NAN);
+        self.recorder.record(&MetricEvent::Phase {
+            phase: phase.number() as u8,
+            state: self.statuses[phase as usize].state,
+            overhead,
+            budget: self.statuses[phase as usize].budget,
+        });
     }
 
     /// "pool on, cache on, ..." for logs.
@@ -1097,6 +1087,8 @@ impl Pipeline {
             let budget = self.statuses[phase as usize].budget;
             if self.overheads[phase as usize].add(share.min(1.0), budget) && self.is_on(phase) {
                 self.deactivate(phase);
+            } else {
+                self.report_phase(phase);
             }
         }
     }
