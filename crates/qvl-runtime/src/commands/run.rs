@@ -49,6 +49,8 @@ pub struct RunArgs {
     pub phases: Option<PhaseSelection>,
     /// `--kv-budget`: RAM for the KV cache; past it, blocks are swapped.
     pub kv_budget: Option<ByteSize>,
+    /// `--weights`: how the weight matrices are held (GGUF models).
+    pub weights: qvl_model::WeightFormat,
     /// RAM / GPU budgets of the layer weights (GGUF models).
     pub weight_budgets: qvl_runtime::weights_tier::WeightBudgets,
 }
@@ -158,6 +160,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let (stats, pipeline) = if model_path.is_dir() {
         WeightTiering::check_checkpoint(args.weight_budgets, &model_path)?;
+        if args.weights != qvl_model::WeightFormat::F32 {
+            bail!(
+                "--weights {} applies to GGUF models; {} is a Qwen3-VL checkpoint (held in f32)",
+                args.weights,
+                model_path.display()
+            );
+        }
         run_qwen3vl(&model_path, &prompts, &args.images, &setup)?
     } else {
         if !args.images.is_empty() {
@@ -167,11 +176,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             );
         }
         let t = Instant::now();
-        let (model, tiering) = WeightTiering::load_gguf(
+        let mut load_options = qvl_model::LoadOptions::new(args.weights);
+        load_options.recorder = Some(collector.clone());
+        let (model, tiering) = WeightTiering::load_gguf_as(
             &model_path,
             &cfg,
             args.weight_budgets,
             Some(collector.clone()),
+            &load_options,
         )
         .with_context(|| format!("loading {}", model_path.display()))?;
         run_gguf(model, t.elapsed().as_secs_f64(), &tiering, &prompts, &setup)?
