@@ -170,15 +170,103 @@ fn collect_charts(report: &CombinedReport) -> Vec<ChartSpec> {
             }
         }
     }
+    if let Some(swap) = phase_details(report, "swap") {
+        if !known("swap-kv-budget", &charts) {
+            if let Some(c) = swap_budget_chart(swap) {
+                charts.push(c);
+            }
+        }
+    }
+    if let Some(e2e) = phase_details(report, "e2e") {
+        if !known("e2e-peak-memory", &charts) {
+            if let Some(c) = e2e_memory_chart(e2e) {
+                charts.push(c);
+            }
+        }
+    }
     charts
+}
+
+/// Decode tokens/s against the KV budget, swapped and all in RAM, per
+/// model, from the swap phase's `sweeps[].runs[]` (`budget_fraction` "1/4",
+/// `swap_median_tokens_per_s`, `host_median_tokens_per_s`).
+fn swap_budget_chart(details: &Value) -> Option<ChartSpec> {
+    let sweeps = details.get("sweeps")?.as_array()?;
+    let mut series = Vec::new();
+    for sweep in sweeps {
+        let model = sweep.get("model")?.as_str()?;
+        let short = model.split(" (").next().unwrap_or(model).trim();
+        let mut swapped = Vec::new();
+        let mut in_ram = Vec::new();
+        for run in sweep.get("runs")?.as_array()? {
+            let fraction = run.get("budget_fraction")?.as_str()?;
+            let x = match fraction.split_once('/') {
+                Some((n, d)) => n.trim().parse::<f64>().ok()? / d.trim().parse::<f64>().ok()?,
+                None => fraction.parse().ok()?,
+            };
+            swapped.push((x, run.get("swap_median_tokens_per_s")?.as_f64()?));
+            in_ram.push((x, run.get("host_median_tokens_per_s")?.as_f64()?));
+        }
+        swapped.sort_by(|a, b| a.0.total_cmp(&b.0));
+        in_ram.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series.push(Series {
+            name: format!("{short}, swapped"),
+            points: swapped,
+        });
+        series.push(Series {
+            name: format!("{short}, all in RAM"),
+            points: in_ram,
+        });
+    }
+    (!series.is_empty()).then(|| ChartSpec {
+        id: "swap-kv-budget".into(),
+        title: "Decode tokens/s against the KV budget".into(),
+        x_label: "KV budget, share of the context's KV".into(),
+        y_label: "tokens/s (median step)".into(),
+        kind: "line".into(),
+        series,
+        bars: Vec::new(),
+    })
+}
+
+/// Peak KV memory per phase combination and model, from the e2e phase's
+/// `<model>.configs[]` (`config`, `kv_peak_bytes`).
+fn e2e_memory_chart(details: &Value) -> Option<ChartSpec> {
+    let mut bars = Vec::new();
+    for (model, d) in details.as_object()? {
+        let Some(configs) = d.get("configs").and_then(Value::as_array) else {
+            continue;
+        };
+        for c in configs {
+            let (Some(config), Some(bytes)) = (
+                c.get("config").and_then(Value::as_str),
+                c.get("kv_peak_bytes").and_then(Value::as_f64),
+            ) else {
+                continue;
+            };
+            bars.push(Bar {
+                label: format!("{model} {config}"),
+                value: bytes / (1u64 << 20) as f64,
+            });
+        }
+    }
+    (!bars.is_empty()).then(|| ChartSpec {
+        id: "e2e-peak-memory".into(),
+        title: "Peak KV memory per phase combination".into(),
+        x_label: "model and phases".into(),
+        y_label: "MiB".into(),
+        kind: "bar".into(),
+        series: Vec::new(),
+        bars,
+    })
 }
 
 fn phase_details<'a>(report: &'a CombinedReport, phase: &str) -> Option<&'a Value> {
     report
         .phases
         .iter()
-        .find(|p| p.phase == phase)
-        .and_then(|p| p.report.as_ref())
+        .filter(|p| p.phase == phase)
+        .find_map(|p| p.report.as_ref())
         .map(|r| &r.details)
 }
 
@@ -563,6 +651,24 @@ mod tests {
             {"policy": "belady", "capacity_fraction": 0.05, "hit_ratio": 0.36}
         ]}, "charts": [{"id": "mem", "title": "peak <memory>", "x_label": "phase", "y_label": "MiB",
             "kind": "bar", "bars": [{"label": "off", "value": 120.0}, {"label": "on", "value": 80.0}]}]});
+        let mut swap = BenchReport::new("swap");
+        swap.details = json!({"sweeps": [{"model": "2B-shaped decoder (hidden 1024)", "runs": [
+            {"budget_fraction": "1/1", "swap_median_tokens_per_s": 50.0, "host_median_tokens_per_s": 51.0},
+            {"budget_fraction": "1/8", "swap_median_tokens_per_s": 40.0, "host_median_tokens_per_s": 52.0}
+        ]}]});
+        let mut e2e = BenchReport::new("e2e");
+        e2e.details = json!({"smollm2": {"configs": [
+            {"config": "off", "kv_peak_bytes": 3670016.0},
+            {"config": "all", "kv_peak_bytes": 1677721.6}
+        ]}, "qwen3vl": {"skipped": "no checkpoint"}});
+        let entry = |phase: &str, report| PhaseEntry {
+            phase: phase.into(),
+            plan_criterion: plan_criterion(phase).into(),
+            status: "ran".into(),
+            error: None,
+            seconds: 1.0,
+            report: Some(report),
+        };
         CombinedReport {
             generated_utc: iso_utc(0),
             quick: true,
@@ -577,13 +683,15 @@ mod tests {
                     report: Some(cache),
                 },
                 PhaseEntry {
-                    phase: "swap".into(),
-                    plan_criterion: plan_criterion("swap").into(),
+                    phase: "tier".into(),
+                    plan_criterion: plan_criterion("tier").into(),
                     status: "failed".into(),
                     error: Some("disk | full".into()),
                     seconds: 0.5,
                     report: None,
                 },
+                entry("swap", swap),
+                entry("e2e", e2e),
             ],
             charts: Vec::new(),
         }
@@ -603,7 +711,26 @@ mod tests {
         );
         assert!(md.contains("1 of 1 criteria pass"));
         assert!(md.contains("![Hit ratio against capacity (Mooncake trace)](cache-hit-ratio.svg)"));
-        assert_eq!(report.charts, vec!["mem.svg", "cache-hit-ratio.svg"]);
+        assert_eq!(
+            report.charts,
+            vec![
+                "mem.svg",
+                "cache-hit-ratio.svg",
+                "swap-kv-budget.svg",
+                "e2e-peak-memory.svg"
+            ]
+        );
+        let swap_svg = std::fs::read_to_string(dir.join("swap-kv-budget.svg")).unwrap();
+        assert!(
+            swap_svg.contains("2B-shaped decoder, swapped"),
+            "{swap_svg}"
+        );
+        let e2e_svg = std::fs::read_to_string(dir.join("e2e-peak-memory.svg")).unwrap();
+        assert_eq!(
+            e2e_svg.matches("<rect x=").count(),
+            2,
+            "skipped models draw no bar"
+        );
         let svg = std::fs::read_to_string(dir.join("cache-hit-ratio.svg")).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2, "one line per policy");
@@ -613,7 +740,7 @@ mod tests {
         let back: CombinedReport =
             serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
                 .unwrap();
-        assert_eq!(back.phases.len(), 2);
+        assert_eq!(back.phases.len(), 4);
         assert_eq!(back.phases[1].error.as_deref(), Some("disk | full"));
         std::fs::remove_dir_all(dir).unwrap();
     }

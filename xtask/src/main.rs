@@ -48,6 +48,8 @@ Tasks:
                           write docs/config-reference.md from the config types
                           (--check: fail if the file is out of date)
   valgrind <crate>        run the crate's tests under valgrind memcheck (e.g. `valgrind pool`)
+  browser-test            the dashboard in headless Chromium (installs Debian's chromium
+                          package when missing); screenshot under target/
   gpu-check [--build-only | --bundle DIR]
                           build with --features cuda, run the CUDA tests and GPU bench rows;
                           results in target/gpu-check/ (--build-only: build and clippy only;
@@ -73,6 +75,7 @@ fn main() -> Result<()> {
         "valgrind" => valgrind(rest),
         "gpu-check" => gpu_check(rest),
         "fuzz" => fuzz::run(rest),
+        "browser-test" => browser_test(),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
@@ -82,6 +85,29 @@ fn main() -> Result<()> {
             bail!("unknown task {other:?}")
         }
     }
+}
+
+/// Loads the dashboard in headless Chromium (qvl-metrics' ignored browser
+/// test), installing Debian's `chromium` package first when it is missing.
+fn browser_test() -> Result<()> {
+    let have = |p: &str| Path::new(p).exists();
+    let found = std::env::var_os("QVL_CHROMIUM").is_some()
+        || have("/usr/bin/chromium")
+        || have("/usr/bin/chromium-browser");
+    if !found {
+        println!("chromium not found: installing Debian's chromium package");
+        let mut install = Command::new("apt-get");
+        install
+            .args(["install", "-y", "-q", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        step("apt-get install chromium", install).context(
+            "could not install chromium (needs root and Debian's package repositories); install it by hand or set QVL_CHROMIUM to a Chromium binary",
+        )?;
+    }
+    let mut test = cargo();
+    test.args(["test", "-p", "qvl-metrics", "--test", "browser"])
+        .args(["--", "--ignored", "--nocapture"]);
+    step("dashboard in headless chromium", test)
 }
 
 /// Generates docs/config-reference.md with `qvl config reference`.
