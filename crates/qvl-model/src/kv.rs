@@ -75,6 +75,36 @@ impl KvLayout {
         }
         Ok(tokens)
     }
+
+    /// Copies a write that [`KvLayout::check_write`] accepted into `block`,
+    /// one whole block in this layout (per layer: keys of every token slot,
+    /// then values).
+    pub fn copy_into_block(
+        &self,
+        block: &mut [f32],
+        layer: usize,
+        slot: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) {
+        let w = self.token_width();
+        let base = layer * self.layer_floats();
+        let kstart = base + slot * w;
+        let vstart = base + self.block_tokens * w + slot * w;
+        block[kstart..kstart + keys.len()].copy_from_slice(keys);
+        block[vstart..vstart + values.len()].copy_from_slice(values);
+    }
+
+    /// Layer `layer` (checked by the caller) of `block`, one whole block in
+    /// this layout, as attention reads it.
+    pub fn layer_view<'a>(&self, block: &'a [f32], layer: usize) -> KvLayerView<'a> {
+        let base = layer * self.layer_floats();
+        let half = self.block_tokens * self.token_width();
+        KvLayerView {
+            keys: Cow::Borrowed(&block[base..base + half]),
+            values: Cow::Borrowed(&block[base + half..base + 2 * half]),
+        }
+    }
 }
 
 /// Identifies a block inside one storage.
@@ -179,18 +209,13 @@ impl KvBlockStorage for HostKvStorage {
         values: &[f32],
     ) -> Result<()> {
         let l = self.layout;
-        let w = l.token_width();
         l.check_write(layer, slot, keys, values)?;
         let data = self
             .blocks
             .get_mut(id.0 as usize)
             .and_then(Option::as_mut)
             .ok_or_else(|| ModelError::KvCache(format!("write to unknown block {}", id.0)))?;
-        let base = layer * l.layer_floats();
-        let kstart = base + slot * w;
-        let vstart = base + l.block_tokens * w + slot * w;
-        data[kstart..kstart + keys.len()].copy_from_slice(keys);
-        data[vstart..vstart + values.len()].copy_from_slice(values);
+        l.copy_into_block(data, layer, slot, keys, values);
         Ok(())
     }
 
@@ -202,13 +227,7 @@ impl KvBlockStorage for HostKvStorage {
                 l.layers
             )));
         }
-        let data = self.block(id)?;
-        let base = layer * l.layer_floats();
-        let half = l.block_tokens * l.token_width();
-        Ok(KvLayerView {
-            keys: Cow::Borrowed(&data[base..base + half]),
-            values: Cow::Borrowed(&data[base + half..base + 2 * half]),
-        })
+        Ok(l.layer_view(self.block(id)?, layer))
     }
 
     fn used_bytes(&self) -> usize {

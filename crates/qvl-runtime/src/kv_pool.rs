@@ -17,7 +17,6 @@ use qvl_core::{
 use qvl_model::kv::{KvBlockId, KvBlockStorage, KvLayerView, KvLayout};
 use qvl_model::{ModelError, Result};
 use qvl_pool::{HostPool, PoolBuffer, SpecializedPoolConfig};
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -174,7 +173,6 @@ impl KvBlockStorage for PooledKvStorage {
         values: &[f32],
     ) -> Result<()> {
         let l = self.layout;
-        let w = l.token_width();
         l.check_write(layer, slot, keys, values)?;
         let block = self
             .blocks
@@ -185,11 +183,7 @@ impl KvBlockStorage for PooledKvStorage {
             t.on_use(block.tensor);
         }
         let data = floats_mut(&mut block.buffer);
-        let base = layer * l.layer_floats();
-        let kstart = base + slot * w;
-        let vstart = base + l.block_tokens * w + slot * w;
-        data[kstart..kstart + keys.len()].copy_from_slice(keys);
-        data[vstart..vstart + values.len()].copy_from_slice(values);
+        l.copy_into_block(data, layer, slot, keys, values);
         Ok(())
     }
 
@@ -198,13 +192,7 @@ impl KvBlockStorage for PooledKvStorage {
         if layer >= l.layers {
             return Err(kv_err(format!("layer {layer} out of {}", l.layers)));
         }
-        let data = floats(&self.block(id)?.buffer);
-        let base = layer * l.layer_floats();
-        let half = l.block_tokens * l.token_width();
-        Ok(KvLayerView {
-            keys: Cow::Borrowed(&data[base..base + half]),
-            values: Cow::Borrowed(&data[base + half..base + 2 * half]),
-        })
+        Ok(l.layer_view(floats(&self.block(id)?.buffer), layer))
     }
 
     fn used_bytes(&self) -> usize {

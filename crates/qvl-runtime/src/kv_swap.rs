@@ -688,7 +688,6 @@ impl KvBlockStorage for SwappingKvStorage {
         values: &[f32],
     ) -> Result<()> {
         let l = self.layout;
-        let w = l.token_width();
         l.check_write(layer, slot, keys, values)?;
         let index = id.0 as usize;
         if self.slot(id)?.data.is_none() {
@@ -698,11 +697,7 @@ impl KvBlockStorage for SwappingKvStorage {
             .as_mut()
             .and_then(|s| s.data.as_mut())
             .ok_or_else(|| ModelError::KvCache(format!("block {index} did not load")))?;
-        let base = layer * l.layer_floats();
-        let kstart = base + slot * w;
-        let vstart = base + l.block_tokens * w + slot * w;
-        data[kstart..kstart + keys.len()].copy_from_slice(keys);
-        data[vstart..vstart + values.len()].copy_from_slice(values);
+        l.copy_into_block(data, layer, slot, keys, values);
         lock(&self.policy).on_access(Self::policy_key(index));
         Ok(())
     }
@@ -717,14 +712,9 @@ impl KvBlockStorage for SwappingKvStorage {
         }
         let index = id.0 as usize;
         let slot = self.slot(id)?;
-        let half = l.block_tokens * l.token_width();
         if let Some(data) = &slot.data {
             lock(&self.policy).on_access(Self::policy_key(index));
-            let base = layer * l.layer_floats();
-            return Ok(KvLayerView {
-                keys: Cow::Borrowed(&data[base..base + half]),
-                values: Cow::Borrowed(&data[base + half..base + 2 * half]),
-            });
+            return Ok(l.layer_view(data, layer));
         }
         let (keys, values) = self.fetch_chunk(index, slot.uid, layer)?;
         Ok(KvLayerView {
