@@ -429,16 +429,26 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 160.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
+/// Extra bottom margin of bar charts, for their slanted labels.
+const BAR_LABEL_ROOM: f64 = 60.0;
 
 /// Draws a chart as a self-contained SVG document.
 pub fn render_svg(chart: &ChartSpec) -> String {
+    // Bar labels are long ("smollm2 lossless"): they are drawn slanted, in
+    // a taller bottom margin, so neighbours do not overlap.
+    let bar_label_room = if chart.kind == "bar" {
+        BAR_LABEL_ROOM
+    } else {
+        0.0
+    };
+    let height = HEIGHT + bar_label_room;
     let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" viewBox=\"0 0 {WIDTH} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
         WIDTH / 2.0,
         xml(&chart.title)
     );
     let plot_w = WIDTH - LEFT - RIGHT;
-    let plot_h = HEIGHT - TOP - BOTTOM;
+    let plot_h = height - TOP - BOTTOM - bar_label_room;
     let finite = |v: f64| v.is_finite();
     let (x_min, x_max, y_max) = if chart.kind == "bar" {
         let y_max = chart
@@ -501,7 +511,7 @@ pub fn render_svg(chart: &ChartSpec) -> String {
         svg,
         "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text><text transform=\"translate(16 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
         LEFT + plot_w / 2.0,
-        HEIGHT - 14.0,
+        height - 14.0,
         xml(&chart.x_label),
         TOP + plot_h / 2.0,
         xml(&chart.y_label)
@@ -518,12 +528,12 @@ pub fn render_svg(chart: &ChartSpec) -> String {
             let y = sy(v);
             let _ = writeln!(
                 svg,
-                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>",
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/><text transform=\"translate({:.1} {:.1}) rotate(-35)\" text-anchor=\"end\">{}</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>",
                 slot * 0.7,
                 TOP + plot_h - y,
                 COLORS[i % COLORS.len()],
-                x + slot * 0.35,
-                TOP + plot_h + 16.0,
+                x + slot * 0.35 + 4.0,
+                TOP + plot_h + 14.0,
                 xml(&bar.label),
                 x + slot * 0.35,
                 y - 4.0,
@@ -695,6 +705,29 @@ mod tests {
             ],
             charts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn bar_labels_are_slanted_below_the_plot() {
+        let chart = ChartSpec {
+            id: "e2e-peak-memory".into(),
+            title: "Peak KV memory".into(),
+            x_label: "model and phases".into(),
+            y_label: "MiB".into(),
+            kind: "bar".into(),
+            series: Vec::new(),
+            bars: ["qwen3vl off", "qwen3vl lossless", "smollm2 all"]
+                .iter()
+                .map(|l| Bar {
+                    label: (*l).into(),
+                    value: 2.0,
+                })
+                .collect(),
+        };
+        let svg = render_svg(&chart);
+        assert!(svg.contains(&format!("height=\"{}\"", HEIGHT + BAR_LABEL_ROOM)));
+        assert_eq!(svg.matches("rotate(-35)").count(), 3, "{svg}");
+        assert!(svg.contains(">qwen3vl lossless</text>"));
     }
 
     #[test]

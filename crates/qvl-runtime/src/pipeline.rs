@@ -1224,13 +1224,24 @@ impl Pipeline {
         }
         if let Some((m, _)) = &self.codec_monitor {
             let s = m.stats();
-            out.push_str(&format!(
-                "compression     last request: {} of {} slabs encoded, {:.2} bits/value, {:.2}x smaller than f16\n",
-                s.encoded_slabs,
-                s.encoded_slabs + s.open_slabs,
-                s.encoded_bits_per_value(),
-                s.ratio_vs_f16()
-            ));
+            let slabs = s.encoded_slabs + s.open_slabs;
+            if s.encoded_slabs == 0 {
+                // Short requests never leave the exact recent window: say
+                // so instead of a ratio of f32 bytes to f16 bytes.
+                out.push_str(&format!(
+                    "compression     last request: none of its {slabs} slabs encoded yet (all still in the exact window of recent tokens), KV held {}\n",
+                    ByteSize(s.held_bytes as u64)
+                ));
+            } else {
+                out.push_str(&format!(
+                    "compression     last request: {} of {slabs} slabs encoded at {:.2} bits/value ({:.2}x smaller than f16), KV held {} ({:.2}x smaller than f32)\n",
+                    s.encoded_slabs,
+                    s.encoded_bits_per_value(),
+                    s.encoded_ratio_vs_f16(),
+                    ByteSize(s.held_bytes as u64),
+                    s.ratio_vs_f32()
+                ));
+            }
         }
         if !self.swap_monitors.is_empty() {
             let (mut outs, mut reads, mut stall, mut peak) = (0, 0, 0.0, 0);
