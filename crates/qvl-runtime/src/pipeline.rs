@@ -532,12 +532,17 @@ impl Pipeline {
             next_request: 0,
             config,
         };
+        // When compression or swapping will hold the KV blocks, the pool only
+        // serves the plain path they fall back to: pre-making its KV slots
+        // would reserve memory nothing uses (235 MB for Qwen3-VL-2B's 64).
+        let kv_held_elsewhere = selection.contains(Phase::Compression)
+            || (selection.contains(Phase::Swapping) && options.kv_budget.is_some());
         for phase in Phase::ALL {
             if !selection.contains(phase) {
                 continue;
             }
             let result = match phase {
-                Phase::Pool => p.build_pool(),
+                Phase::Pool => p.build_pool(kv_held_elsewhere),
                 Phase::Cache => p.build_cache(),
                 Phase::Compression => p.build_compression(),
                 Phase::Swapping => p.build_swap(hardware, options),
@@ -635,7 +640,8 @@ impl Pipeline {
             .join(", ")
     }
 
-    fn build_pool(&mut self) -> Result<String, (PhaseState, String)> {
+    /// Starts the host pool; `kv_held_elsewhere` skips pre-making KV slots.
+    fn build_pool(&mut self, kv_held_elsewhere: bool) -> Result<String, (PhaseState, String)> {
         let c = &self.config.memory_pooling;
         let mut specialized_pools = std::collections::BTreeMap::new();
         for (name, s) in &c.specialized_pools {
@@ -649,14 +655,18 @@ impl Pipeline {
                 },
             );
         }
-        // This model's blocks, as many as the configured KV pool pre-makes.
-        let initial = c
-            .specialized_pools
-            .values()
-            .filter(|s| s.kind == TensorKind::KvCache)
-            .map(|s| s.initial_count)
-            .max()
-            .unwrap_or(0);
+        // This model's blocks, as many as the configured KV pool pre-makes
+        // when the pool holds the KV (it grows on demand otherwise).
+        let initial = if kv_held_elsewhere {
+            0
+        } else {
+            c.specialized_pools
+                .values()
+                .filter(|s| s.kind == TensorKind::KvCache)
+                .map(|s| s.initial_count)
+                .max()
+                .unwrap_or(0)
+        };
         specialized_pools.insert(
             KV_SLAB_NAME.to_string(),
             kv_slab_config(self.layout, initial),
@@ -1488,6 +1498,33 @@ mod tests {
         assert!(max_diff < 0.05, "int8 KV moved a logit by {max_diff}");
         let snap = recorder.snapshot();
         assert!(snap.compression.iter().any(|c| c.encodes > 0));
+    }
+
+    #[test]
+    fn the_pool_pre_makes_kv_slots_only_when_it_holds_the_kv() {
+        let dec = tiny_decoder();
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tiny_config(tmp.path());
+        let hw = Hardware::detect(&config);
+        let kv_slots = |phases: &str| {
+            let p = Pipeline::build(
+                &config,
+                &hw,
+                &options(&dec, phases, None),
+                Arc::new(qvl_core::NoopRecorder),
+            );
+            let pool = p.pool.as_ref().expect("phase 1 is on");
+            pool.slab_stats()
+                .iter()
+                .find(|s| s.name == KV_SLAB_NAME)
+                .map(|s| s.total_slots)
+                .unwrap()
+        };
+        let configured = config.memory_pooling.specialized_pools["kv_cache"].initial_count;
+        assert!(configured > 0);
+        assert_eq!(kv_slots("1"), configured);
+        // Compression holds the KV: nothing pre-made, the pool grows on demand.
+        assert_eq!(kv_slots("1,3"), 0);
     }
 
     #[test]
