@@ -235,6 +235,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         "bandwidth": "swap-in: bytes over the union of the times its reads were in flight; baseline (sequential_mb_s): a file as long as the KV read sequentially with O_DIRECT in 1 MiB requests, max_inflight in flight, over its wall time, while a third all-in-RAM cache decodes one step (untimed) after each pair, so that the decode's CPU load delays the baseline's reads as it delays swap-in; sequential_idle_mb_s: the same between steps, with the CPU idle",
         "page_cache": "swap file and baseline read with O_DIRECT (a virtual disk may still be cached by its host, which affects both alike: same disk, similar file sizes)",
         "swap_io_cpu": "CPU seconds of the store's I/O threads (read, checksum, conversion), from /proc/self/task",
+        "ceiling": "throughput_ratio_ceiling_from_disk = all-in-RAM median step / (swap-in bytes per token at the idle sequential rate), at most 1: the best ratio any overlap of I/O and compute can reach on this disk",
     });
     Ok(report)
 }
@@ -343,11 +344,25 @@ struct Measured {
     throttles: u64,
     ewma_latency_us: f64,
     integrity_failures: u64,
+    lent_chunks: u64,
+    copied_chunks: u64,
 }
 
 impl Measured {
     fn json(&self, steps: usize) -> serde_json::Value {
         let mb_s = |bytes: u64, s: f64| bytes as f64 / s.max(1e-9) / 1e6;
+        // The disk alone bounds the swapping step: it cannot be shorter
+        // than the time to read a step's bytes at the sequential rate.
+        let disk_s = if self.seq_idle_bytes > 0 {
+            self.read_bytes as f64 / steps as f64 * self.seq_idle_s / self.seq_idle_bytes as f64
+        } else {
+            0.0
+        };
+        let ceiling = if disk_s > 0.0 {
+            (self.host_median_s / disk_s).min(1.0)
+        } else {
+            1.0
+        };
         serde_json::json!({
             "budget_fraction": format!("1/{}", self.divisor),
             "ram_budget_bytes": self.budget,
@@ -384,6 +399,10 @@ impl Measured {
             "throttles": self.throttles,
             "ewma_read_latency_us": self.ewma_latency_us,
             "integrity_failures": self.integrity_failures,
+            "lent_chunks": self.lent_chunks,
+            "copied_chunks": self.copied_chunks,
+            "disk_seconds_per_token_at_idle_sequential": disk_s,
+            "throughput_ratio_ceiling_from_disk": ceiling,
             "tokens_equal": true,
         })
     }
@@ -580,5 +599,7 @@ fn measure(
         throttles: after.store.engine.throttles,
         ewma_latency_us: after.store.engine.ewma_latency_us,
         integrity_failures: after.store.integrity_failures,
+        lent_chunks: after.lent_chunks - before.lent_chunks,
+        copied_chunks: after.copied_chunks - before.copied_chunks,
     })
 }

@@ -43,7 +43,10 @@ use qvl_core::{
 };
 use qvl_model::kv::{KvBlockId, KvBlockStorage, KvLayerView, KvLayout};
 use qvl_model::{ModelError, Result};
-use qvl_swap::{policy_for, Decoder, SsdStore, StoreStats, SwapConfig, SwapError, Ticket};
+use qvl_swap::{
+    policy_for, Decoder, LandedRead, LandedRecord, LandedTicket, SsdStore, StoreStats, SwapConfig,
+    SwapError, Ticket, MAX_MERGED_READ,
+};
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +55,29 @@ use std::time::Instant;
 
 /// Keys and values of one layer of one block.
 type Chunk = (Vec<f32>, Vec<f32>);
+
+/// A chunk read back: in place in the buffer its read landed in (raw f32,
+/// lent to attention without a copy), or decoded into vectors (through a
+/// codec, on the I/O thread).
+enum Fetched {
+    Landed(LandedRecord),
+    Decoded(Chunk),
+}
+
+/// A chunk on its way in.
+enum Staged {
+    Landed(LandedTicket),
+    Decoded(Ticket<Chunk>),
+}
+
+impl Staged {
+    fn wait(self) -> std::result::Result<Fetched, SwapError> {
+        match self {
+            Staged::Landed(t) => t.wait().map(Fetched::Landed),
+            Staged::Decoded(t) => t.wait().map(Fetched::Decoded),
+        }
+    }
+}
 
 /// What the swapping storage has done.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,6 +101,10 @@ pub struct KvSwapStats {
     /// Seconds spent serving reads of swapped chunks on the caller's
     /// thread, waits included (planning, queueing, taking staged chunks).
     pub fetch_secs: f64,
+    /// Chunk reads lent to attention in place (no copy).
+    pub lent_chunks: u64,
+    /// Chunk reads copied out instead (codec, or the lent set was full).
+    pub copied_chunks: u64,
     /// The SSD store's counters.
     pub store: StoreStats,
 }
@@ -89,7 +119,7 @@ struct Slot {
 
 #[derive(Default)]
 struct Prefetch {
-    staged: HashMap<(usize, usize), Ticket<Chunk>>,
+    staged: HashMap<(usize, usize), Staged>,
     staged_bytes: usize,
     plan: VecDeque<(usize, usize)>,
     /// The layer attention reads now (the last one a chunk was read of).
@@ -113,6 +143,10 @@ pub struct SwappingKvStorage {
     resident_bytes: usize,
     policy: Mutex<Box<dyn EvictionPolicy>>,
     prefetch: Mutex<Prefetch>,
+    /// Read buffers whose chunks were lent to attention by `read` (views
+    /// borrow `&self`). Only cleared through `&mut self`, so no view can
+    /// outlive its bytes; see [`SwappingKvStorage::lend`].
+    lent: Mutex<Vec<Arc<LandedRead>>>,
     counters: Arc<Counters>,
 }
 
@@ -127,6 +161,8 @@ struct Counters {
     demand_reads: AtomicU64,
     stall_ns: AtomicU64,
     fetch_ns: AtomicU64,
+    lent_chunks: AtomicU64,
+    copied_chunks: AtomicU64,
 }
 
 /// Reads a [`SwappingKvStorage`]'s counters after it was moved into a
@@ -152,6 +188,8 @@ impl KvSwapMonitor {
             demand_reads: get(&c.demand_reads),
             stall_secs: get(&c.stall_ns) as f64 * 1e-9,
             fetch_secs: get(&c.fetch_ns) as f64 * 1e-9,
+            lent_chunks: get(&c.lent_chunks),
+            copied_chunks: get(&c.copied_chunks),
             store: self.store.stats(),
         }
     }
@@ -232,6 +270,7 @@ impl SwappingKvStorage {
             resident_bytes: 0,
             policy: Mutex::new(policy_for(config.eviction_policy)),
             prefetch: Mutex::new(Prefetch::default()),
+            lent: Mutex::new(Vec::new()),
             counters: Arc::new(Counters::default()),
         })
     }
@@ -468,7 +507,19 @@ impl SwappingKvStorage {
         if batch.is_empty() {
             return;
         }
-        let tickets = self.store.read_many_async(&keys, false, self.decoder());
+        let tickets: Vec<Option<Staged>> = if self.codec.is_none() {
+            self.store
+                .read_many_landed(&keys, false)
+                .into_iter()
+                .map(|t| t.map(Staged::Landed))
+                .collect()
+        } else {
+            self.store
+                .read_many_async(&keys, false, self.decoder())
+                .into_iter()
+                .map(|t| t.map(Staged::Decoded))
+                .collect()
+        };
         for (item, ticket) in batch.into_iter().zip(tickets) {
             if let Some(t) = ticket {
                 p.staged.insert(item, t);
@@ -513,7 +564,7 @@ impl SwappingKvStorage {
 
     /// Reads one swapped chunk: from the prefetch window if it is there,
     /// on demand otherwise; plans and tops up the prefetches.
-    fn fetch_chunk(&self, index: usize, uid: u64, layer: usize) -> Result<Chunk> {
+    fn fetch_chunk(&self, index: usize, uid: u64, layer: usize) -> Result<Fetched> {
         let entered = Instant::now();
         let ticket = {
             let mut p = lock(&self.prefetch);
@@ -542,14 +593,25 @@ impl SwappingKvStorage {
         let hit = ticket.is_some();
         let ticket = match ticket {
             Some(t) => t,
-            None => self
-                .store
-                .read_async(&Self::chunk_key(uid, layer), true, self.decoder())
-                .ok_or_else(|| {
+            None => {
+                let key = Self::chunk_key(uid, layer);
+                let t = if self.codec.is_none() {
+                    self.store
+                        .read_many_landed(&[key], true)
+                        .pop()
+                        .flatten()
+                        .map(Staged::Landed)
+                } else {
+                    self.store
+                        .read_async(&key, true, self.decoder())
+                        .map(Staged::Decoded)
+                };
+                t.ok_or_else(|| {
                     ModelError::KvCache(format!(
                         "block {index} layer {layer} is neither in RAM nor in the swap space"
                     ))
-                })?,
+                })?
+            }
         };
         let start = Instant::now();
         let chunk = ticket
@@ -566,6 +628,88 @@ impl SwappingKvStorage {
         c.fetch_ns
             .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(chunk)
+    }
+
+    /// Most read buffers lent at once: one layer of the swapped blocks
+    /// (what one attention call reads), plus the partly used buffers at
+    /// the ends of its runs. Past it, chunks are copied out instead, so a
+    /// caller that reads many layers without a write in between does not
+    /// pin the whole swapped context in RAM.
+    fn lend_cap(&self) -> usize {
+        let swapped = self.counters.swapped_blocks.load(Ordering::Relaxed) as usize;
+        (swapped * self.chunk_bytes()).div_ceil(MAX_MERGED_READ) + 4
+    }
+
+    /// A view of a raw chunk in place in its read buffer (no copy): the
+    /// buffer joins `lent` and stays alive and unchanged until the next
+    /// `&mut self` call. None (copy it instead) when the record is not a
+    /// raw f32 chunk of this layout in native byte order, or when the lent
+    /// set is full.
+    fn lend(&self, rec: &LandedRecord) -> Option<KvLayerView<'_>> {
+        let half = self.layout.layer_floats() / 2;
+        let payload = rec.payload();
+        let native = cfg!(target_endian = "little");
+        if !native
+            || rec.codec() != CodecId::RAW
+            || payload.len() != 8 * half
+            || payload.as_ptr() as usize % std::mem::align_of::<f32>() != 0
+        {
+            return None;
+        }
+        let mut lent = lock(&self.lent);
+        let known = lent.last().is_some_and(|b| Arc::ptr_eq(b, rec.buffer()));
+        if !known {
+            if lent.len() >= self.lend_cap() {
+                return None;
+            }
+            lent.push(Arc::clone(rec.buffer()));
+        }
+        drop(lent);
+        let ptr = payload.as_ptr().cast::<f32>();
+        // SAFETY: `ptr` points to 8 * half bytes (checked above), aligned
+        // for f32 (checked above), inside the heap allocation of a
+        // LandedRead that `self.lent` now holds an Arc of. That Arc leaves
+        // `lent` only through `&mut self` (return_lent) or when self drops,
+        // neither of which can happen while the returned view borrows
+        // `&self`; the buffer is never written once it is shared (a
+        // LandedRead only gives out `&[u8]`). Any 4 bytes are a valid f32,
+        // and on this little-endian target they are the chunk's
+        // little-endian floats.
+        let (keys, values) = unsafe {
+            (
+                std::slice::from_raw_parts(ptr, half),
+                std::slice::from_raw_parts(ptr.add(half), half),
+            )
+        };
+        self.counters.lent_chunks.fetch_add(1, Ordering::Relaxed);
+        Some(KvLayerView {
+            keys: Cow::Borrowed(keys),
+            values: Cow::Borrowed(values),
+        })
+    }
+
+    /// Copies (or decodes) a landed chunk into vectors.
+    fn decode_landed(&self, index: usize, layer: usize, rec: &LandedRecord) -> Result<Chunk> {
+        let meta = TensorMeta::new(
+            vec![
+                2,
+                self.layout.block_tokens,
+                self.layout.kv_heads,
+                self.layout.head_dim,
+            ],
+            DType::F32,
+            TensorKind::KvCache,
+        );
+        (self.decoder())(&meta, rec.codec(), rec.payload())
+            .map_err(|e| swap_err(&format!("reading KV block {index} layer {layer} back"), e))
+    }
+
+    /// Gives the buffers lent to views back (no view is alive: `&mut self`).
+    fn return_lent(&mut self) {
+        let lent = self.lent.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !lent.is_empty() {
+            lent.clear();
+        }
     }
 
     /// Drops staged chunks and plan entries of a block (released, or
@@ -588,7 +732,10 @@ impl SwappingKvStorage {
         let l = self.layout;
         let mut data = vec![0f32; l.block_floats()];
         for layer in 0..l.layers {
-            let (k, v) = self.fetch_chunk(index, uid, layer)?;
+            let (k, v) = match self.fetch_chunk(index, uid, layer)? {
+                Fetched::Decoded(chunk) => chunk,
+                Fetched::Landed(rec) => self.decode_landed(index, layer, &rec)?,
+            };
             let base = layer * l.layer_floats();
             data[base..base + k.len()].copy_from_slice(&k);
             data[base + k.len()..base + k.len() + v.len()].copy_from_slice(&v);
@@ -620,6 +767,7 @@ impl KvBlockStorage for SwappingKvStorage {
     }
 
     fn allocate(&mut self) -> Result<KvBlockId> {
+        self.return_lent();
         // The previous newest block is full once a new one is needed, so
         // it may leave too.
         self.newest = None;
@@ -653,6 +801,7 @@ impl KvBlockStorage for SwappingKvStorage {
     }
 
     fn release(&mut self, id: KvBlockId) -> Result<()> {
+        self.return_lent();
         let index = id.0 as usize;
         let slot = self
             .slots
@@ -687,6 +836,7 @@ impl KvBlockStorage for SwappingKvStorage {
         keys: &[f32],
         values: &[f32],
     ) -> Result<()> {
+        self.return_lent();
         let l = self.layout;
         l.check_write(layer, slot, keys, values)?;
         let index = id.0 as usize;
@@ -716,7 +866,16 @@ impl KvBlockStorage for SwappingKvStorage {
             lock(&self.policy).on_access(Self::policy_key(index));
             return Ok(l.layer_view(data, layer));
         }
-        let (keys, values) = self.fetch_chunk(index, slot.uid, layer)?;
+        let (keys, values) = match self.fetch_chunk(index, slot.uid, layer)? {
+            Fetched::Decoded(chunk) => chunk,
+            Fetched::Landed(rec) => {
+                if let Some(view) = self.lend(&rec) {
+                    return Ok(view);
+                }
+                self.decode_landed(index, layer, &rec)?
+            }
+        };
+        self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
         Ok(KvLayerView {
             keys: Cow::Owned(keys),
             values: Cow::Owned(values),
@@ -1017,5 +1176,11 @@ mod tests {
         assert!(st.peak_ram_bytes <= budget, "{st:?}");
         assert!(st.prefetch_hits > 0 && st.store.blocks_read > 0, "{st:?}");
         assert_eq!(st.store.integrity_failures, 0);
+        // Raw chunks are lent to attention in place, not copied.
+        assert!(st.lent_chunks > 0, "{st:?}");
+        assert_eq!(
+            st.lent_chunks + st.copied_chunks,
+            st.prefetch_hits + st.demand_reads
+        );
     }
 }

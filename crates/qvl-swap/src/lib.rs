@@ -35,7 +35,10 @@ pub use engine::{EngineSnapshot, Ticket};
 pub use error::{Result, SwapError};
 pub use file::{ActiveIo, FaultPlan};
 pub use policy::policy_for;
-pub use store::{DecodeFn, Decoder, SsdStore, StoreStats, MAX_MERGED_READ};
+pub use store::{
+    DecodeFn, Decoder, LandedRead, LandedRecord, LandedTicket, SsdStore, StoreStats,
+    MAX_MERGED_READ,
+};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -76,12 +76,15 @@ pub fn sequential_read_bandwidth(dir: &Path, bytes: usize, reps: usize) -> Resul
 /// merged reads on its `max_inflight` I/O threads. Its time is the pass's
 /// wall time, during which the disk always has a request outstanding, the
 /// counterpart of the store's busy time (the union of the times its reads
-/// were in flight).
+/// were in flight). Its buffers are the store's kind (huge-page backed,
+/// touched once, reused across passes), so that the baseline gets the
+/// same per-request cost in the kernel as swap-in.
 pub struct SequentialProbe {
     path: std::path::PathBuf,
     file: std::fs::File,
     len: u64,
     cursor: std::sync::atomic::AtomicU64,
+    bufs: std::sync::Mutex<Vec<AlignedBuf>>,
 }
 
 impl SequentialProbe {
@@ -111,6 +114,7 @@ impl SequentialProbe {
             file,
             len,
             cursor: std::sync::atomic::AtomicU64::new(0),
+            bufs: std::sync::Mutex::new(Vec::new()),
         };
         let mut buf = AlignedBuf::zeroed(IO as usize);
         for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
@@ -139,6 +143,19 @@ impl SequentialProbe {
         self.len == 0
     }
 
+    /// A read buffer of `len` bytes from the pool, or a new huge-page set
+    /// (the rest of it pooled).
+    fn take_buf(&self, len: usize) -> AlignedBuf {
+        let mut bufs = crate::extent::lock(&self.bufs);
+        if let Some(at) = bufs.iter().position(|b| b.len() == len) {
+            return bufs.swap_remove(at);
+        }
+        let mut set = AlignedBuf::huge_set(len);
+        let mine = set.pop().unwrap_or_else(|| AlignedBuf::zeroed(len));
+        bufs.extend(set);
+        mine
+    }
+
     /// One pass: reads `bytes` (rounded up to whole requests) sequentially
     /// with `request`-byte requests (a multiple of 4 KiB), `depth` in
     /// flight. Returns the bytes read and the seconds taken.
@@ -155,7 +172,7 @@ impl SequentialProbe {
         std::thread::scope(|scope| {
             for _ in 0..depth.clamp(1, count as usize) {
                 scope.spawn(|| {
-                    let mut buf = AlignedBuf::zeroed(request as usize);
+                    let mut buf = self.take_buf(request as usize);
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= count {
@@ -167,6 +184,7 @@ impl SequentialProbe {
                             break;
                         }
                     }
+                    crate::extent::lock(&self.bufs).push(buf);
                 });
             }
         });

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// Turns a verified payload (with the block's meta and codec) into what the
@@ -79,12 +79,159 @@ const STREAM_SEGMENT_PAGES: [u64; 3] = [1024, 256, 64];
 /// requests with a few in flight reach the sequential figure, and a
 /// pooled buffer of this size is reused without page faults.
 pub const MAX_MERGED_READ: usize = 1 << 20;
+/// Most read buffers kept for reuse (of [`MAX_MERGED_READ`] bytes each).
+const POOLED_READ_BUFS: usize = 32;
+
+/// Read buffers of [`MAX_MERGED_READ`] bytes kept for reuse: a fresh
+/// buffer per read costs page faults (the kernel zeroes and maps every
+/// page, then pins it for the O_DIRECT transfer) on every read.
+type BufPool = Arc<Mutex<Vec<AlignedBuf>>>;
+
+fn take_buf(pool: &BufPool, len: usize) -> AlignedBuf {
+    if len > MAX_MERGED_READ {
+        return AlignedBuf::zeroed(len);
+    }
+    if let Some(b) = lock(pool).pop() {
+        return b;
+    }
+    // Pool empty: a new huge-page set, one for us and the rest pooled.
+    let mut set = AlignedBuf::huge_set(MAX_MERGED_READ);
+    let mine = set
+        .pop()
+        .unwrap_or_else(|| AlignedBuf::zeroed(MAX_MERGED_READ));
+    for b in set {
+        give_buf(pool, b);
+    }
+    mine
+}
+
+fn give_buf(pool: &BufPool, buf: AlignedBuf) {
+    if buf.len() == MAX_MERGED_READ {
+        let mut bufs = lock(pool);
+        if bufs.len() < POOLED_READ_BUFS {
+            bufs.push(buf);
+        }
+    }
+}
+
+/// The buffer of one read, shared by the verified records it holds
+/// ([`LandedRecord`]); back to the store's pool when the last holder drops
+/// it. Lending it (instead of copying each record out) is what
+/// [`SsdStore::read_many_landed`] is for.
+pub struct LandedRead {
+    buf: Option<AlignedBuf>,
+    pool: BufPool,
+}
+
+impl LandedRead {
+    /// The bytes read (whole pages; records sit at their offsets in it).
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], AlignedBuf::as_slice)
+    }
+}
+
+impl Drop for LandedRead {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            give_buf(&self.pool, b);
+        }
+    }
+}
+
+/// One record's verified payload, in place in the buffer it was read into.
+#[derive(Clone)]
+pub struct LandedRecord {
+    read: Arc<LandedRead>,
+    start: usize,
+    len: usize,
+    codec: CodecId,
+}
+
+impl LandedRecord {
+    /// The payload (checked against the index's checksum; page-aligned).
+    pub fn payload(&self) -> &[u8] {
+        &self.read.bytes()[self.start..self.start + self.len]
+    }
+
+    /// The codec the payload was written with.
+    pub fn codec(&self) -> CodecId {
+        self.codec
+    }
+
+    /// The shared buffer holding the payload; keeping a clone keeps
+    /// [`LandedRecord::payload`]'s bytes alive and unchanged.
+    pub fn buffer(&self) -> &Arc<LandedRead> {
+        &self.read
+    }
+}
+
+/// The results of one (merged) read, filled once by the I/O thread: one
+/// wake-up per read instead of one per record.
+struct RunSlot {
+    results: Mutex<Option<Vec<Option<Result<LandedRecord>>>>>,
+    done: Condvar,
+}
+
+/// A record of [`SsdStore::read_many_landed`] to wait for.
+pub struct LandedTicket {
+    slot: Arc<RunSlot>,
+    index: usize,
+}
+
+impl LandedTicket {
+    /// Blocks until the read holding this record is done and returns the
+    /// record or the read's error.
+    pub fn wait(self) -> Result<LandedRecord> {
+        let mut results = lock(&self.slot.results);
+        loop {
+            if let Some(v) = results.as_mut() {
+                return v
+                    .get_mut(self.index)
+                    .and_then(Option::take)
+                    .unwrap_or(Err(SwapError::EngineStopped));
+            }
+            results = self
+                .slot
+                .done
+                .wait(results)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Fills a [`RunSlot`]; if dropped unfilled (the engine stopped before
+/// running the read), every ticket gets [`SwapError::EngineStopped`]
+/// rather than waiting forever.
+struct RunCompleter {
+    slot: Arc<RunSlot>,
+    records: usize,
+}
+
+impl RunCompleter {
+    fn complete(&self, results: Vec<Result<LandedRecord>>) {
+        *lock(&self.slot.results) = Some(results.into_iter().map(Some).collect());
+        self.slot.done.notify_all();
+    }
+}
+
+impl Drop for RunCompleter {
+    fn drop(&mut self) {
+        let mut results = lock(&self.slot.results);
+        if results.is_none() {
+            *results = Some(
+                (0..self.records)
+                    .map(|_| Some(Err(SwapError::EngineStopped)))
+                    .collect(),
+            );
+            drop(results);
+            self.slot.done.notify_all();
+        }
+    }
+}
 
 struct Inner {
     file: SwapFile,
-    /// Merged-read buffers kept for reuse: a fresh 1 MiB buffer per read
-    /// would cost page faults on every read.
-    read_bufs: Mutex<Vec<AlignedBuf>>,
+    read_bufs: BufPool,
     streams: Mutex<HashMap<u32, StreamCursor>>,
     allocator: Arc<Mutex<ExtentAllocator>>,
     index: RwLock<HashMap<BlockKey, Entry>>,
@@ -151,7 +298,7 @@ impl SsdStore {
             inner: Arc::new(Inner {
                 file,
                 streams: Mutex::new(HashMap::new()),
-                read_bufs: Mutex::new(Vec::new()),
+                read_bufs: Arc::new(Mutex::new(Vec::new())),
                 allocator: Arc::new(Mutex::new(ExtentAllocator::new(pages))),
                 index: RwLock::new(HashMap::new()),
                 generation: AtomicU64::new(1),
@@ -391,44 +538,101 @@ impl SsdStore {
         urgent: bool,
         decode: Decoder<T>,
     ) -> Vec<Option<Ticket<T>>> {
-        let mut out: Vec<Option<Ticket<T>>> = Vec::with_capacity(keys.len());
-        let mut found = Vec::new();
-        for key in keys {
-            match self.entry(key) {
-                Some(e) => {
-                    let (tx, t) = Ticket::channel();
-                    out.push(Some(t));
-                    found.push((e, tx));
-                }
-                None => out.push(None),
+        let (places, runs) = self.plan_runs(keys);
+        let mut tickets: Vec<Vec<Option<Ticket<T>>>> = Vec::with_capacity(runs.len());
+        for run in runs {
+            let mut items = Vec::with_capacity(run.len());
+            let mut mine = Vec::with_capacity(run.len());
+            for e in run {
+                let (tx, t) = Ticket::channel();
+                items.push((e, tx));
+                mine.push(Some(t));
             }
-        }
-        found.sort_by_key(|(e, _)| e.extent.offset());
-        let mut run: Vec<(Entry, SyncSender<Result<T>>)> = Vec::new();
-        let flush = |run: &mut Vec<(Entry, SyncSender<Result<T>>)>| {
-            if run.is_empty() {
-                return;
-            }
-            let items = std::mem::take(run);
+            tickets.push(mine);
             let inner = Arc::clone(&self.inner);
             let decode = Arc::clone(&decode);
             self.inner.engine.submit_job(urgent, move |clock| {
                 read_run(&inner, items, clock, &*decode)
             });
-        };
-        for (e, tx) in found {
-            if let Some((last, _)) = run.last() {
-                let contiguous =
-                    last.extent.offset() + last.extent.byte_len() as u64 == e.extent.offset();
-                let run_len: usize = run.iter().map(|(e, _)| e.extent.byte_len()).sum();
-                if !contiguous || run_len + e.extent.byte_len() > MAX_MERGED_READ {
-                    flush(&mut run);
+        }
+        places
+            .into_iter()
+            .map(|p| p.and_then(|(run, pos)| tickets[run][pos].take()))
+            .collect()
+    }
+
+    /// Reads `keys` like [`SsdStore::read_many_async`], into pooled,
+    /// page-aligned (huge-page backed where the kernel allows) buffers that
+    /// are lent, not copied: each ticket gives the verified payload in
+    /// place in the buffer of its (merged) read. The I/O threads only read
+    /// and verify, and wake the waiter once per read; the buffer goes back
+    /// to the pool when the last [`LandedRecord`] of it is dropped.
+    pub fn read_many_landed(&self, keys: &[BlockKey], urgent: bool) -> Vec<Option<LandedTicket>> {
+        let (places, runs) = self.plan_runs(keys);
+        let mut slots = Vec::with_capacity(runs.len());
+        for run in runs {
+            let slot = Arc::new(RunSlot {
+                results: Mutex::new(None),
+                done: Condvar::new(),
+            });
+            slots.push(Arc::clone(&slot));
+            let completer = RunCompleter {
+                slot,
+                records: run.len(),
+            };
+            let inner = Arc::clone(&self.inner);
+            // A stopped engine drops the job, and with it the completer,
+            // which fails the tickets.
+            self.inner.engine.submit_job(urgent, move |clock| {
+                completer.complete(read_run_landed(&inner, run, clock));
+            });
+        }
+        places
+            .into_iter()
+            .map(|p| {
+                p.map(|(run, index)| LandedTicket {
+                    slot: Arc::clone(&slots[run]),
+                    index,
+                })
+            })
+            .collect()
+    }
+
+    /// Groups the stored entries of `keys` into runs of neighbouring
+    /// records (up to [`MAX_MERGED_READ`] bytes), in file order; for each
+    /// key, its run and place in it (None when not stored).
+    #[allow(clippy::type_complexity)]
+    fn plan_runs(&self, keys: &[BlockKey]) -> (Vec<Option<(usize, usize)>>, Vec<Vec<Entry>>) {
+        let mut found = Vec::with_capacity(keys.len());
+        {
+            let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
+            for (n, key) in keys.iter().enumerate() {
+                if let Some(e) = index.get(key) {
+                    found.push((n, e.clone()));
                 }
             }
-            run.push((e, tx));
         }
-        flush(&mut run);
-        out
+        found.sort_by_key(|(_, e)| e.extent.offset());
+        let mut places = vec![None; keys.len()];
+        let mut runs: Vec<Vec<Entry>> = Vec::new();
+        let mut run_len = 0usize;
+        for (n, e) in found {
+            let extend = runs.last().and_then(|r| r.last()).is_some_and(|last| {
+                last.extent.offset() + last.extent.byte_len() as u64 == e.extent.offset()
+                    && run_len + e.extent.byte_len() <= MAX_MERGED_READ
+            });
+            if !extend {
+                runs.push(Vec::new());
+                run_len = 0;
+            }
+            run_len += e.extent.byte_len();
+            let at = runs.len() - 1;
+            if let Some(run) = runs.last_mut() {
+                places[n] = Some((at, run.len()));
+                run.push(e);
+            }
+        }
+        (places, runs)
     }
 
     fn allocate_run(&self, pages: &[u64], total: u64) -> Result<Vec<Extent>> {
@@ -528,10 +732,7 @@ fn read_run<T>(
     let first = items[0].0.extent.offset();
     let len: usize = items.iter().map(|(e, _)| e.extent.byte_len()).sum();
     let start = Instant::now();
-    let mut buf = lock(&inner.read_bufs)
-        .pop()
-        .filter(|b| b.len() >= len)
-        .unwrap_or_else(|| AlignedBuf::zeroed(len.max(MAX_MERGED_READ)));
+    let mut buf = take_buf(&inner.read_bufs, len);
     let read = inner.file.check_present().and_then(|()| {
         clock.time(len as u64, || {
             inner
@@ -540,17 +741,8 @@ fn read_run<T>(
         })
     });
     if let Err(e) = read {
-        let text = e.to_string();
-        let mut e = Some(e);
-        for (_, tx) in items {
-            // Every ticket gets the error; the first gets the original.
-            let err = e.take().unwrap_or_else(|| SwapError::Io {
-                what: format!("merged read failed: {text}; reading"),
-                path: inner.file.path().to_path_buf(),
-                source: std::io::Error::other("merged read failed"),
-            });
-            let _ = tx.send(Err(err));
-        }
+        give_buf(&inner.read_bufs, buf);
+        fail_all(inner, items, e);
         return;
     }
     inner.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
@@ -577,10 +769,113 @@ fn read_run<T>(
         inner.blocks_read.fetch_add(1, Ordering::Relaxed);
         let _ = tx.send(result);
     }
-    let mut bufs = lock(&inner.read_bufs);
-    if bufs.len() < 32 {
-        bufs.push(buf);
+    give_buf(&inner.read_bufs, buf);
+}
+
+/// Sends `e` to every ticket of a failed read (the first gets the
+/// original, the others a copy of its message).
+fn fail_all<T>(inner: &Inner, items: Vec<(Entry, SyncSender<Result<T>>)>, e: SwapError) {
+    let text = e.to_string();
+    let mut e = Some(e);
+    for (_, tx) in items {
+        let err = e.take().unwrap_or_else(|| SwapError::Io {
+            what: format!("merged read failed: {text}; reading"),
+            path: inner.file.path().to_path_buf(),
+            source: std::io::Error::other("merged read failed"),
+        });
+        let _ = tx.send(Err(err));
     }
+}
+
+/// Reads a run of neighbouring records into one pooled buffer, verifies
+/// each, and returns each payload in place (no copy), in run order.
+fn read_run_landed(inner: &Inner, run: Vec<Entry>, clock: &IoClock) -> Vec<Result<LandedRecord>> {
+    let Some(first) = run.first().map(|e| e.extent.offset()) else {
+        return Vec::new();
+    };
+    // The last record is read without its extent's padding.
+    let len: usize = run
+        .iter()
+        .enumerate()
+        .map(|(n, e)| {
+            if n + 1 == run.len() {
+                e.read_len()
+            } else {
+                e.extent.byte_len()
+            }
+        })
+        .sum();
+    let start = Instant::now();
+    let mut buf = take_buf(&inner.read_bufs, len);
+    let read = inner.file.check_present().and_then(|()| {
+        if inner.file.io() == ActiveIo::Mmap {
+            // Copy out of the map: the timed part is where its page
+            // faults (the device reads) happen.
+            let mapped = inner.file.mapped(first, len)?.unwrap_or(&[]);
+            clock.time(len as u64, || {
+                buf.as_mut_slice()[..mapped.len()].copy_from_slice(mapped)
+            });
+            Ok(())
+        } else {
+            clock.time(len as u64, || {
+                inner
+                    .file
+                    .read_exact_at(&mut buf.as_mut_slice()[..len], first)
+            })
+        }
+    });
+    if let Err(e) = read {
+        give_buf(&inner.read_bufs, buf);
+        let text = e.to_string();
+        let mut e = Some(e);
+        return run
+            .iter()
+            .map(|_| {
+                Err(e.take().unwrap_or_else(|| SwapError::Io {
+                    what: format!("merged read failed: {text}; reading"),
+                    path: inner.file.path().to_path_buf(),
+                    source: std::io::Error::other("merged read failed"),
+                }))
+            })
+            .collect();
+    }
+    inner.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+    inner.recorder.record(&MetricEvent::Swap {
+        out: false,
+        bytes: len as u64,
+        latency: start.elapsed(),
+    });
+    let landed = Arc::new(LandedRead {
+        buf: Some(buf),
+        pool: Arc::clone(&inner.read_bufs),
+    });
+    let bytes = landed.bytes();
+    inner
+        .blocks_read
+        .fetch_add(run.len() as u64, Ordering::Relaxed);
+    run.iter()
+        .map(|entry| {
+            let at = (entry.extent.offset() - first) as usize;
+            let end = (at + entry.extent.byte_len()).min(len);
+            match entry.verify(&bytes[at..end]) {
+                Ok(payload) => Ok(LandedRecord {
+                    read: Arc::clone(&landed),
+                    start: at + (payload.as_ptr() as usize - bytes[at..].as_ptr() as usize),
+                    len: payload.len(),
+                    codec: entry.header.codec,
+                }),
+                Err(reason) => {
+                    inner.integrity_failures.fetch_add(1, Ordering::Relaxed);
+                    Err(SwapError::Corrupt {
+                        key: entry.header.key,
+                        path: inner.file.path().to_path_buf(),
+                        offset: entry.extent.offset(),
+                        reason,
+                    })
+                }
+            }
+        })
+        .collect()
 }
 
 fn read_entry<T>(

@@ -395,6 +395,60 @@ fn streamed_records_merge_into_long_reads_and_a_bad_one_fails_alone() {
     );
 }
 
+/// Landed reads lend the payloads in place: neighbours share one buffer
+/// (one read, one wake-up), in every I/O mode, a damaged record fails
+/// alone, and the buffer outlives the store's other reads while held.
+#[test]
+fn landed_reads_lend_neighbours_one_buffer_and_a_bad_one_fails_alone() {
+    for mode in [IoMode::Auto, IoMode::Buffered, IoMode::Mmap] {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SsdStore::open(&config(tmp.path(), mode)).unwrap();
+        let written: Vec<(u32, Block)> = (0..8u64).map(|b| (0, block(b, 2 * PAGE))).collect();
+        store.put_streamed(written.clone()).unwrap();
+        let bad = written[5].1.key;
+        corrupt_byte(store.path(), store.record_offset(&bad).unwrap() + 17);
+        let ops_before = store.stats().engine.ops;
+        let mut keys: Vec<BlockKey> = written.iter().map(|(_, b)| b.key).collect();
+        keys.insert(3, BlockKey::from_id(999));
+        let tickets = store.read_many_landed(&keys, false);
+        assert!(tickets[3].is_none(), "unknown keys get no ticket");
+        let mut held = Vec::new();
+        for (t, key) in tickets.into_iter().zip(&keys) {
+            let Some(t) = t else { continue };
+            let want = written.iter().find(|(_, b)| b.key == *key).unwrap();
+            match t.wait() {
+                Ok(rec) => {
+                    assert_ne!(*key, bad, "{mode:?}: damaged bytes were returned");
+                    assert_eq!(rec.payload(), &want.1.data[..]);
+                    assert_eq!(rec.payload().as_ptr() as usize % PAGE, 0);
+                    held.push(rec);
+                }
+                Err(e) => {
+                    assert_eq!(*key, bad);
+                    assert!(e.to_string().contains("checksum mismatch"), "{e}");
+                }
+            }
+        }
+        assert_eq!(held.len(), 7);
+        assert!(
+            held.windows(2)
+                .all(|w| Arc::ptr_eq(w[0].buffer(), w[1].buffer())),
+            "{mode:?}: neighbours share one buffer"
+        );
+        assert_eq!(
+            store.stats().engine.ops - ops_before,
+            1,
+            "{mode:?}: one read"
+        );
+        // More reads while the buffer is lent do not disturb it.
+        let again = store.read_many_landed(&keys[..2], true);
+        for t in again.into_iter().flatten() {
+            t.wait().unwrap();
+        }
+        assert_eq!(held[0].payload(), &written[0].1.data[..]);
+    }
+}
+
 /// Streamed (bare) records: a layer's chunks tile long reads with nothing
 /// between them, and every read, single or merged, checks the checksum
 /// the index holds: a torn record (a page of zeros, as a write cut short
