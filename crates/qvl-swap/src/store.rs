@@ -36,7 +36,9 @@ pub type Decoder<T> = Arc<DecodeFn<T>>;
 struct Entry {
     extent: Arc<Extent>,
     header: RecordHeader,
-    meta: TensorMeta,
+    /// Shared: entries are cloned on every read plan, and a TensorMeta owns a
+    /// shape vector (a heap allocation per clone).
+    meta: Arc<TensorMeta>,
     /// Some for a bare record (payload only on disk): its checksum, kept
     /// here instead of in an on-disk header.
     bare: Option<u64>,
@@ -410,7 +412,7 @@ impl SsdStore {
                 Entry {
                     extent: Arc::new(extent),
                     header,
-                    meta: b.meta,
+                    meta: Arc::new(b.meta),
                     bare: None,
                 },
             );
@@ -459,7 +461,7 @@ impl SsdStore {
                 Entry {
                     extent: Arc::new(extent),
                     header,
-                    meta: b.meta,
+                    meta: Arc::new(b.meta),
                     bare: Some(sum),
                 },
             );
