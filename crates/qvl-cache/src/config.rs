@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// gpu_cache_size = "512MiB"
 /// cpu_cache_size = "2GiB"
 /// ssd_cache_size = "16GiB"
-/// eviction_policy = "predictive"   # lru, lfu, arc, s3_fifo, predictive
+/// eviction_policy = "predictive"   # lru, lfu, arc, s3_fifo, predictive, learned
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -24,7 +24,9 @@ pub enum CacheError {
     #[error("invalid capacity: {0}")]
     InvalidCapacity(String),
     /// A policy name that is not known.
-    #[error("unknown eviction policy {0:?}: use lru, lfu, arc, s3_fifo, predictive or belady")]
+    #[error(
+        "unknown eviction policy {0:?}: use lru, lfu, arc, s3_fifo, predictive, learned or belady"
+    )]
     UnknownPolicy(String),
 
     // --- environment --------------------------------------------------------

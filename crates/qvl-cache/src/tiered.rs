@@ -262,11 +262,10 @@ impl Inner {
     }
 
     fn find(&self, key: &BlockKey) -> Result<Option<(usize, Block)>> {
+        // One store call per level probed: `get` answers absence too.
         for (i, level) in self.levels.iter().enumerate() {
-            if level.store.contains(key) {
-                if let Some(block) = level.store.get(key)? {
-                    return Ok(Some((i, block)));
-                }
+            if let Some(block) = level.store.get(key)? {
+                return Ok(Some((i, block)));
             }
         }
         Ok(None)

@@ -117,6 +117,8 @@ pub enum CachePolicy {
     S3Fifo,
     /// Learns from prefix structure, reuse distance and frequency.
     Predictive,
+    /// Online-trained model of reuse within a window (LRB-style).
+    Learned,
 }
 
 /// `[caching]`

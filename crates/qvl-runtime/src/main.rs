@@ -237,8 +237,8 @@ enum CacheCommand {
         /// Capacities: a percentage of the trace's unique blocks (floored) or a number of blocks.
         #[arg(long, default_value = "1%,5%,10%")]
         capacity: String,
-        /// Policies: lru, lfu, arc, s3fifo, predictive, belady.
-        #[arg(long, default_value = "lru,s3fifo,arc,predictive,belady")]
+        /// Policies: lru, lfu, arc, s3fifo, predictive, learned, belady.
+        #[arg(long, default_value = "lru,s3fifo,arc,predictive,learned,belady")]
         policy: String,
         /// Print one JSON array of {policy, capacity_blocks, capacity_fraction, accesses, hits, hit_ratio}.
         #[arg(long)]

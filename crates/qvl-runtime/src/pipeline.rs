@@ -690,6 +690,7 @@ impl Pipeline {
             CachePolicy::Arc => PolicyKind::Arc,
             CachePolicy::S3Fifo => PolicyKind::S3Fifo,
             CachePolicy::Predictive => PolicyKind::Predictive,
+            CachePolicy::Learned => PolicyKind::Learned,
         };
         let cfg = CacheConfig {
             gpu_cache_size: c.gpu_cache_size,

@@ -2,6 +2,7 @@
 
 mod arc;
 mod belady;
+mod learned;
 mod lfu;
 mod lru;
 mod predictive;
@@ -9,6 +10,7 @@ mod s3fifo;
 
 pub use arc::Arc;
 pub use belady::Belady;
+pub use learned::Learned;
 pub use lfu::Lfu;
 pub use lru::Lru;
 pub use predictive::Predictive;
@@ -35,16 +37,19 @@ pub enum PolicyKind {
     /// Hit-density prediction from reuse history and prefix structure.
     #[default]
     Predictive,
+    /// Reuse probability from an online-trained model (LRB-style).
+    Learned,
 }
 
 impl PolicyKind {
     /// Every online policy.
-    pub const ALL: [PolicyKind; 5] = [
+    pub const ALL: [PolicyKind; 6] = [
         PolicyKind::Lru,
         PolicyKind::Lfu,
         PolicyKind::Arc,
         PolicyKind::S3Fifo,
         PolicyKind::Predictive,
+        PolicyKind::Learned,
     ];
 
     /// The name used in configs and reports.
@@ -55,6 +60,7 @@ impl PolicyKind {
             PolicyKind::Arc => "arc",
             PolicyKind::S3Fifo => "s3_fifo",
             PolicyKind::Predictive => "predictive",
+            PolicyKind::Learned => "learned",
         }
     }
 
@@ -66,6 +72,7 @@ impl PolicyKind {
             PolicyKind::Arc => Box::new(Arc::new()),
             PolicyKind::S3Fifo => Box::new(S3Fifo::new()),
             PolicyKind::Predictive => Box::new(Predictive::new()),
+            PolicyKind::Learned => Box::new(Learned::new()),
         }
     }
 }
@@ -88,6 +95,7 @@ impl FromStr for PolicyKind {
             "arc" => Ok(PolicyKind::Arc),
             "s3_fifo" | "s3fifo" | "s3-fifo" => Ok(PolicyKind::S3Fifo),
             "predictive" => Ok(PolicyKind::Predictive),
+            "learned" | "lrb" => Ok(PolicyKind::Learned),
             _ => Err(CacheError::UnknownPolicy(s.to_string())),
         }
     }
