@@ -234,6 +234,8 @@ struct Generalization {
     accesses: usize,
     unique: usize,
     rows: Vec<GeneralizationRow>,
+    /// Every policy at every capacity.
+    all: Sweep,
 }
 
 struct GeneralizationRow {
@@ -249,21 +251,17 @@ struct GeneralizationRow {
 fn generalization(name: String, trace: &Trace) -> Result<Generalization> {
     let accesses = trace.accesses();
     let unique = trace.unique_blocks();
+    let all = sweep(&accesses, unique).with_context(|| format!("replaying {name}"))?;
     let mut rows = Vec::new();
     for fraction in [0.01, 0.05] {
         let capacity = capacity_for_fraction(unique, fraction).max(1);
-        let ratio = |p: ReplayPolicy| -> Result<f64> {
-            Ok(replay_accesses(&accesses, p, capacity)
-                .with_context(|| format!("replaying {p} on {name}"))?
-                .hit_ratio())
-        };
         rows.push(GeneralizationRow {
             fraction,
             capacity,
-            lru: ratio(PolicyKind::Lru.into())?,
-            predictive: ratio(PolicyKind::Predictive.into())?,
-            learned: ratio(PolicyKind::Learned.into())?,
-            belady: ratio(ReplayPolicy::Belady)?,
+            lru: all.ratio(fraction, "lru"),
+            predictive: all.ratio(fraction, "predictive"),
+            learned: all.ratio(fraction, "learned"),
+            belady: all.ratio(fraction, "belady"),
             bound: horizon_bound(&accesses, Features::Structure, capacity),
         });
     }
@@ -272,6 +270,7 @@ fn generalization(name: String, trace: &Trace) -> Result<Generalization> {
         accesses: accesses.len(),
         unique,
         rows,
+        all,
     })
 }
 
@@ -299,6 +298,7 @@ impl Generalization {
     fn to_json(&self) -> serde_json::Value {
         json!({
             "workload": self.name, "accesses": self.accesses, "unique_blocks": self.unique,
+            "all_policies": self.all.to_json(),
             "rows": self.rows.iter().map(|r| json!({
                 "capacity_fraction": r.fraction, "capacity_blocks": r.capacity, "lru": r.lru,
                 "predictive": r.predictive, "learned": r.learned,
@@ -469,6 +469,15 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             (*f, horizon_bound(&accesses, Features::Structure, cap))
         })
         .collect();
+    for g in &others {
+        print_sweep(
+            &format!(
+                "{}: {} accesses, {} unique blocks (hit ratio)",
+                g.name, g.accesses, g.unique
+            ),
+            &g.all,
+        );
+    }
     println!("generalization (bound: best policy deciding by the predictive policy's classes, with hindsight on their statistics)");
     println!(
         "  {:<34} {:>5} {:>7} {:>7} {:>10} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6}",

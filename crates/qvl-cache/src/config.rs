@@ -52,6 +52,8 @@ mod tests {
         assert_eq!(c.cpu_cache_size, ByteSize::mib(1));
         assert_eq!(c.ssd_cache_size, ByteSize::gib(8));
         assert_eq!(c.eviction_policy, PolicyKind::S3Fifo);
+        let learned: CacheConfig = toml::from_str("eviction_policy = \"learned\"").unwrap();
+        assert_eq!(learned.eviction_policy, PolicyKind::Learned);
         let partial: CacheConfig = toml::from_str("eviction_policy = \"lru\"").unwrap();
         assert_eq!(
             partial.cpu_cache_size,

@@ -170,6 +170,26 @@ struct Meta {
 
 const GHOST: u32 = u32::MAX;
 
+/// A resident block as sampling and scoring see it, kept beside the map so
+/// that evictions read one array instead of a map as large as the ghosts.
+#[derive(Clone, Copy)]
+struct Slot {
+    key: BlockKey,
+    last: u64,
+    traits: Traits,
+}
+
+/// Copies what scoring reads of `m` into its resident slot, if it has one.
+fn sync_slot(resident: &mut [Slot], key: BlockKey, m: &Meta) {
+    if let Some(slot) = resident.get_mut(m.slot as usize) {
+        *slot = Slot {
+            key,
+            last: m.last,
+            traits: m.traits,
+        };
+    }
+}
+
 /// A pending training sample, labelled at `due`.
 struct Sample {
     key: BlockKey,
@@ -217,7 +237,7 @@ impl Model {
 pub struct Learned {
     tick: u64,
     entries: KeyMap<Meta>,
-    resident: Vec<BlockKey>,
+    resident: Vec<Slot>,
     ghost_order: VecDeque<(BlockKey, u64)>,
     ghosts: usize,
     high_water: usize,
@@ -298,15 +318,13 @@ impl Learned {
         // One training sample per access: a random resident block.
         if !self.resident.is_empty() {
             let i = (self.next_random() % self.resident.len() as u64) as usize;
-            let k = self.resident[i];
-            if let Some(m) = self.entries.get(&k) {
-                self.pending.push_back(Sample {
-                    key: k,
-                    last: m.last,
-                    active: m.traits.active(self.tick - m.last),
-                    due: self.tick + self.window(),
-                });
-            }
+            let slot = self.resident[i];
+            self.pending.push_back(Sample {
+                key: slot.key,
+                last: slot.last,
+                active: slot.traits.active(self.tick - slot.last),
+                due: self.tick + self.window(),
+            });
         }
         while self.pending.front().is_some_and(|s| s.due <= self.tick) {
             let Some(s) = self.pending.pop_front() else {
@@ -334,6 +352,7 @@ impl Learned {
                     m.traits.prefix = prefix;
                     m.traits.appended = appended;
                     m.traits.tail = tail;
+                    sync_slot(&mut self.resident, *key, m);
                 }
             }
         }
@@ -359,13 +378,17 @@ impl Learned {
         p.last_child = Some(child);
         let mut next = superseded;
         for _ in 0..MAX_SUPERSEDE_WALK {
-            let Some(m) = next.and_then(|k| self.entries.get_mut(&k)) else {
+            let Some(key) = next else {
+                break;
+            };
+            let Some(m) = self.entries.get_mut(&key) else {
                 break;
             };
             if m.traits.superseded {
                 break;
             }
             m.traits.superseded = true;
+            sync_slot(&mut self.resident, key, m);
             next = m.last_child;
         }
     }
@@ -377,7 +400,7 @@ impl Learned {
         }
         let slot = m.slot as usize;
         self.resident.swap_remove(slot);
-        if let Some(moved) = self.resident.get(slot).copied() {
+        if let Some(moved) = self.resident.get(slot).map(|s| s.key) {
             if let Some(mm) = self.entries.get_mut(&moved) {
                 mm.slot = m.slot;
             }
@@ -482,7 +505,11 @@ impl EvictionPolicy for Learned {
                 slot,
             },
         );
-        self.resident.push(key);
+        self.resident.push(Slot {
+            key,
+            last: tick,
+            traits,
+        });
         self.high_water = self.high_water.max(self.resident.len());
         self.after_access(key, info.parent, known);
     }
@@ -505,6 +532,7 @@ impl EvictionPolicy for Learned {
         m.traits.appended = SHAPE_UNKNOWN;
         m.traits.tail = TAIL_UNKNOWN;
         let parent = m.parent;
+        sync_slot(&mut self.resident, key, m);
         self.after_access(key, parent, true);
     }
 
@@ -521,12 +549,9 @@ impl EvictionPolicy for Learned {
         let mut best: Option<(BlockKey, f32, u64)> = None;
         for _ in 0..SAMPLES.min(self.resident.len()) {
             let i = (self.next_random() % self.resident.len() as u64) as usize;
-            let key = self.resident[i];
-            let Some(m) = self.entries.get(&key) else {
-                continue;
-            };
-            let age = self.tick - m.last;
-            let score = self.model.logit(&m.traits.active(age));
+            let Slot { key, last, traits } = self.resident[i];
+            let age = self.tick - last;
+            let score = self.model.logit(&traits.active(age));
             let better = match best {
                 None => true,
                 Some((_, s, a)) => score < s || (score == s && age > a),
@@ -581,6 +606,42 @@ mod tests {
             let b = age_bucket(age);
             assert!(b >= prev && b < AGE_BUCKETS);
             prev = b;
+        }
+    }
+
+    #[test]
+    fn resident_slots_mirror_the_map() {
+        // Chains that branch (superseding), repeat (request shapes) and
+        // overflow a level of 8 (evictions, ghosts, returns).
+        let mut p = Learned::new();
+        let mut resident = std::collections::HashSet::new();
+        let mut state = 7u64;
+        for _ in 0..500 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let branch = (state >> 40) % 5;
+            let len = 1 + (state >> 50) % 6;
+            let mut parent = None;
+            for pos in 0..len {
+                let key = k(branch * 100 + pos + u64::from(pos > 2) * ((state >> 20) % 3) * 10);
+                if resident.contains(&key) {
+                    p.on_access(key);
+                } else {
+                    if resident.len() >= 8 {
+                        resident.remove(&p.evict().unwrap());
+                    }
+                    let bytes = if pos + 1 == len { 300 } else { 512 };
+                    p.on_insert(key, &BlockInfo::kv(bytes, parent, pos as u32));
+                    resident.insert(key);
+                }
+                parent = Some(key);
+            }
+        }
+        assert_eq!(p.resident.len(), resident.len());
+        for (i, slot) in p.resident.iter().enumerate() {
+            let m = p.entries[&slot.key];
+            assert_eq!(m.slot as usize, i);
+            assert_eq!((m.last, m.traits), (slot.last, slot.traits));
+            assert!(resident.contains(&slot.key));
         }
     }
 
