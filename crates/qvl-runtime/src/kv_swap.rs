@@ -28,16 +28,27 @@
 //!   write into a swapped block loads it back first, so the copy on SSD
 //!   and the chunks staged from it never disagree with RAM.
 //! - Chunks can leave through a [`Codec`] (a lossy one changes what
-//!   attention sees after swap-in, by its reported error).
+//!   attention sees after swap-in, by its reported error), or in KIVI's
+//!   layout ([`SwappingKvStorage::with_kivi`], what the pipeline uses when
+//!   compression is on too): keys per channel, values per token, the
+//!   sequence's sink tokens exact, the same encoding as the in-RAM codec.
+//! - Raw chunks are not copied on the way in: a merged read lands in a
+//!   pooled buffer of the store, and attention gets views into it
+//!   ([`SsdStore::read_many_landed`]), kept alive until the next `&mut
+//!   self` call (the next write, when every view is gone).
 //! - Every chunk read back is verified (header, key, generation, XXH3);
 //!   a failure is a [`ModelError::KvCache`] naming the block and the swap
 //!   file, which fails the request: wrong KV is never returned.
 //!
 //! Memory outside the budget: attention collects one layer's views of all
-//! blocks before it computes, so the chunks read for that layer live as
+//! blocks before it computes, so the buffers lent for that layer live as
 //! long as that attention call (one layer of the context, `1/layers` of
-//! the KV); HostKvStorage lends them instead.
+//! the KV, plus partly used buffers; capped, past the cap chunks are
+//! copied instead), and the store keeps up to 32 MiB of read buffers for
+//! reuse.
 
+use crate::kv_codec::{KvCodecKind, KvCodecOptions};
+use qvl_compress::{ExactStorage, GroupQuant, KvBlockCodec, QuantAxis, QuantBits, TokenSpan};
 use qvl_core::{
     Block, BlockInfo, BlockKey, Codec, CodecId, DType, EvictionPolicy, TensorKind, TensorMeta,
 };
@@ -115,7 +126,27 @@ struct Slot {
     uid: u64,
     /// All layers, when resident.
     data: Option<Vec<f32>>,
+    /// Where the block sits in its sequence, in blocks (the live blocks
+    /// when it was allocated): tells the KIVI codec which of its tokens
+    /// are attention sinks.
+    seq_block: usize,
 }
+
+/// KIVI's layout for swapped chunks, the same as the in-RAM codec's
+/// (`CodecKvStorage`): keys quantized per channel (groups along tokens),
+/// values per token (groups along channels), the sequence's first tokens
+/// (attention sinks) exact.
+#[derive(Debug, Clone, Copy)]
+struct SwapKivi {
+    keys: KvBlockCodec,
+    values: KvBlockCodec,
+}
+
+/// Codec id of a swapped chunk encoded with [`SwapKivi`]: a u32 LE byte
+/// length of the keys' encoding, then the keys' and the values' encodings
+/// (each a self-describing qvl-compress encoding of `[block_tokens,
+/// kv_heads * head_dim]`). Outside qvl-compress's ids (1-9).
+const KIVI_PAIR: CodecId = CodecId(0x4b49);
 
 #[derive(Default)]
 struct Prefetch {
@@ -134,6 +165,7 @@ pub struct SwappingKvStorage {
     layout: KvLayout,
     store: SsdStore,
     codec: Option<Arc<dyn Codec>>,
+    kivi: Option<SwapKivi>,
     resident_cap: usize,
     staging_cap: usize,
     slots: Vec<Option<Slot>>,
@@ -261,6 +293,7 @@ impl SwappingKvStorage {
             layout,
             store,
             codec: None,
+            kivi: None,
             resident_cap,
             staging_cap,
             slots: Vec::new(),
@@ -278,7 +311,52 @@ impl SwappingKvStorage {
     /// Chunks leave RAM encoded by `codec` (and come back decoded).
     pub fn with_codec(mut self, codec: Arc<dyn Codec>) -> Self {
         self.codec = Some(codec);
+        self.kivi = None;
         self
+    }
+
+    /// Chunks leave RAM in KIVI's layout with `options`' bits and groups,
+    /// exactly as `CodecKvStorage` encodes blocks in RAM (keys per
+    /// channel, values per token, the first `sink_tokens` of the sequence
+    /// exact), so that compression and swapping together quantize the KV
+    /// the same way as compression alone. `none` is refused.
+    pub fn with_kivi(mut self, options: &KvCodecOptions) -> Result<Self> {
+        let bits = match options.kind {
+            KvCodecKind::Int8 => QuantBits::Int8,
+            KvCodecKind::Int4 => QuantBits::Int4,
+            KvCodecKind::None => {
+                return Err(ModelError::InvalidInput(
+                    "a KIVI swap codec needs int8 or int4".to_string(),
+                ))
+            }
+        };
+        let key_group = (options.key_group_tokens.min(self.layout.block_tokens) & !1).max(2);
+        let quant = |group: usize, axis: QuantAxis| {
+            GroupQuant::new(bits, options.symmetric, group, axis).map_err(|e| {
+                ModelError::InvalidInput(format!("swap codec group size {group}: {e}"))
+            })
+        };
+        let exact = if options.sinks_f16 {
+            ExactStorage::F16
+        } else {
+            ExactStorage::F32
+        };
+        let codec = |inner: GroupQuant| KvBlockCodec {
+            exact,
+            ..KvBlockCodec::kivi(inner, 0, options.sink_tokens, 0)
+        };
+        self.kivi = Some(SwapKivi {
+            keys: codec(quant(key_group, QuantAxis::PerChannel)?),
+            values: codec(quant(options.group_size, QuantAxis::PerToken)?),
+        });
+        self.codec = None;
+        Ok(self)
+    }
+
+    /// Whether chunks leave RAM encoded (read back through the decoder on
+    /// the I/O threads) rather than raw (lent in place).
+    fn encodes(&self) -> bool {
+        self.codec.is_some() || self.kivi.is_some()
     }
 
     /// The SSD store (its path, I/O mode, counters).
@@ -338,7 +416,29 @@ impl SwappingKvStorage {
             self.layout.kv_heads,
             self.layout.head_dim,
         ];
+        let slab = [self.layout.block_tokens, self.layout.token_width()];
         Arc::new(move |_meta, id, payload| {
+            if id == KIVI_PAIR {
+                let bad = |why: String| SwapError::InvalidConfig(format!("KIVI chunk: {why}"));
+                let (len, rest) = payload
+                    .split_first_chunk::<4>()
+                    .ok_or_else(|| bad(format!("{} bytes, no length", payload.len())))?;
+                let keys_len = u32::from_le_bytes(*len) as usize;
+                if keys_len > rest.len() {
+                    return Err(bad(format!(
+                        "keys of {keys_len} bytes in {} bytes",
+                        rest.len()
+                    )));
+                }
+                let (k, v) = rest.split_at(keys_len);
+                let mut keys = vec![0f32; half];
+                let mut values = vec![0f32; half];
+                qvl_compress::decode_any(k, &slab, &mut keys)
+                    .map_err(|e| bad(format!("decoding the keys: {e}")))?;
+                qvl_compress::decode_any(v, &slab, &mut values)
+                    .map_err(|e| bad(format!("decoding the values: {e}")))?;
+                return Ok((keys, values));
+            }
             if id == CodecId::RAW {
                 if payload.len() != 8 * half {
                     return Err(SwapError::InvalidConfig(format!(
@@ -452,6 +552,40 @@ impl SwappingKvStorage {
         let meta = TensorMeta::new(shape.clone(), DType::F32, TensorKind::KvCache)
             .with_layer(layer as u32);
         let key = Self::chunk_key(slot.uid, layer);
+        if let Some(kivi) = &self.kivi {
+            let half = l.layer_floats() / 2;
+            let slab = [l.block_tokens, l.token_width()];
+            let first_token = slot.seq_block * l.block_tokens;
+            let span = TokenSpan {
+                first_token,
+                seq_len: first_token + l.block_tokens,
+            };
+            let err = |what: &str, e: String| {
+                ModelError::KvCache(format!(
+                    "encoding the {what} of block {index} layer {layer}: {e}"
+                ))
+            };
+            let k = kivi
+                .keys
+                .encode_span(&floats[..half], &slab, span)
+                .map_err(|e| err("keys", e.to_string()))?;
+            let v = kivi
+                .values
+                .encode_span(&floats[half..], &slab, span)
+                .map_err(|e| err("values", e.to_string()))?;
+            let keys_len = u32::try_from(k.bytes.len())
+                .map_err(|_| err("keys", format!("{} bytes", k.bytes.len())))?;
+            let mut data = Vec::with_capacity(4 + k.bytes.len() + v.bytes.len());
+            data.extend_from_slice(&keys_len.to_le_bytes());
+            data.extend_from_slice(&k.bytes);
+            data.extend_from_slice(&v.bytes);
+            return Ok(Block {
+                key,
+                meta,
+                codec: KIVI_PAIR,
+                data: data.into(),
+            });
+        }
         if let Some(codec) = &self.codec {
             let enc = codec.encode(floats, &shape).map_err(|e| {
                 ModelError::KvCache(format!("encoding block {index} layer {layer}: {e}"))
@@ -507,7 +641,7 @@ impl SwappingKvStorage {
         if batch.is_empty() {
             return;
         }
-        let tickets: Vec<Option<Staged>> = if self.codec.is_none() {
+        let tickets: Vec<Option<Staged>> = if !self.encodes() {
             self.store
                 .read_many_landed(&keys, false)
                 .into_iter()
@@ -595,7 +729,7 @@ impl SwappingKvStorage {
             Some(t) => t,
             None => {
                 let key = Self::chunk_key(uid, layer);
-                let t = if self.codec.is_none() {
+                let t = if !self.encodes() {
                     self.store
                         .read_many_landed(&[key], true)
                         .pop()
@@ -775,6 +909,7 @@ impl KvBlockStorage for SwappingKvStorage {
         let slot = Slot {
             uid: self.next_uid,
             data: Some(vec![0f32; self.layout.block_floats()]),
+            seq_block: self.slots.iter().flatten().count(),
         };
         self.next_uid += 1;
         let index = match self.free.pop() {
@@ -1147,6 +1282,92 @@ mod tests {
             swapped.attend(2, &q, 4, 0.5).unwrap(),
             host.attend(2, &q, 4, 0.5).unwrap()
         );
+    }
+
+    #[test]
+    fn kivi_swap_out_is_the_in_ram_codec_layout_with_sinks_exact() {
+        let tmp = tempdir();
+        let l = layout();
+        let options = KvCodecOptions {
+            group_size: 8,
+            key_group_tokens: 4,
+            sink_tokens: 2,
+            sinks_f16: false,
+            ..KvCodecOptions::of(KvCodecKind::Int8)
+        };
+        let mut s = SwappingKvStorage::new(l, &config(tmp.path()), 4 * l.block_floats() * 4)
+            .unwrap()
+            .with_kivi(&options)
+            .unwrap();
+        let w = l.token_width();
+        let key = |t: usize, i: usize, layer: usize| ((t * 31 + i * 7 + layer) % 13) as f32 * 0.1;
+        let value = |t: usize, i: usize, layer: usize| ((t * 17 + i * 3 + layer * 5) % 11) as f32;
+        let ids: Vec<_> = (0..8).map(|_| s.allocate().unwrap()).collect();
+        for (b, &id) in ids.iter().enumerate() {
+            for layer in 0..l.layers {
+                for slot in 0..l.block_tokens {
+                    let t = b * l.block_tokens + slot;
+                    let k: Vec<f32> = (0..w).map(|i| key(t, i, layer)).collect();
+                    let v: Vec<f32> = (0..w).map(|i| value(t, i, layer)).collect();
+                    s.write(id, layer, slot, &k, &v).unwrap();
+                }
+            }
+        }
+        assert!(
+            s.slots[0].as_ref().unwrap().data.is_none(),
+            "block 0 left RAM"
+        );
+        // What CodecKvStorage makes of the same slabs: KIVI keys per
+        // channel, values per token, the sequence's first tokens exact.
+        let kivi = s.kivi.unwrap();
+        let slab = [l.block_tokens, w];
+        let round_trip = |c: &KvBlockCodec, x: &[f32], b: usize| {
+            let span = TokenSpan {
+                first_token: b * l.block_tokens,
+                seq_len: (b + 1) * l.block_tokens,
+            };
+            let e = c.encode_span(x, &slab, span).unwrap();
+            let mut out = vec![0f32; x.len()];
+            qvl_compress::decode_any(&e.bytes, &slab, &mut out).unwrap();
+            out
+        };
+        let mut swapped = 0;
+        for (b, &id) in ids.iter().enumerate() {
+            if s.slots[b].as_ref().unwrap().data.is_some() {
+                continue;
+            }
+            swapped += 1;
+            for layer in 0..l.layers {
+                let tokens = b * l.block_tokens..(b + 1) * l.block_tokens;
+                let k: Vec<f32> = tokens
+                    .clone()
+                    .flat_map(|t| (0..w).map(move |i| key(t, i, layer)))
+                    .collect();
+                let v: Vec<f32> = tokens
+                    .flat_map(|t| (0..w).map(move |i| value(t, i, layer)))
+                    .collect();
+                let got = s.read(id, layer).unwrap();
+                assert_eq!(
+                    &got.keys[..],
+                    &round_trip(&kivi.keys, &k, b)[..],
+                    "block {b}"
+                );
+                assert_eq!(&got.values[..], &round_trip(&kivi.values, &v, b)[..]);
+                if b == 0 {
+                    // The two sink tokens come back exactly; the rest is
+                    // quantized (and differs somewhere).
+                    assert_eq!(&got.keys[..2 * w], &k[..2 * w]);
+                    assert_eq!(&got.values[..2 * w], &v[..2 * w]);
+                }
+                assert_ne!(
+                    &got.keys[..],
+                    &k[..],
+                    "block {b} layer {layer} was quantized"
+                );
+            }
+        }
+        assert!(swapped >= 4, "{swapped} blocks swapped");
+        assert_eq!(s.stats().copied_chunks, swapped * l.layers as u64);
     }
 
     #[test]

@@ -831,18 +831,9 @@ impl Pipeline {
             .map_err(|e| ModelError::KvCache(format!("opening the swap space: {e}")))?;
         let mut storage = SwappingKvStorage::with_store(self.layout, store, cfg, budget)?;
         if let Some(options) = self.codec {
-            let bits = match options.kind {
-                KvCodecKind::Int4 => qvl_compress::QuantBits::Int4,
-                _ => qvl_compress::QuantBits::Int8,
-            };
-            let codec = qvl_compress::GroupQuant::new(
-                bits,
-                false,
-                options.group_size,
-                qvl_compress::QuantAxis::PerToken,
-            )
-            .map_err(|e| ModelError::InvalidInput(format!("swap codec: {e}")))?;
-            storage = storage.with_codec(Arc::new(codec));
+            // The in-RAM codec's KIVI layout (keys per channel, sinks
+            // exact), not per-token groups over keys and values alike.
+            storage = storage.with_kivi(&options)?;
         }
         Ok(storage)
     }
