@@ -147,6 +147,21 @@ pub trait KvBlockStorage: Send + Sync {
 
     /// Bytes the storage holds now.
     fn used_bytes(&self) -> usize;
+
+    /// Sees every attention over `layer`: the `queries` (`n x heads x
+    /// head_dim`, the last `n` tokens written) and the `output` computed
+    /// from what [`KvBlockStorage::read`] returned. Storages that encode
+    /// lossily use it to measure what their encoding does to attention;
+    /// the default ignores it.
+    fn observe_attention(
+        &self,
+        _layer: usize,
+        _queries: &[f32],
+        _heads: usize,
+        _scale: f32,
+        _output: &[f32],
+    ) {
+    }
 }
 
 /// f32 blocks in host RAM, reused through a free list.
@@ -422,6 +437,8 @@ impl PagedKvCache {
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|v| *v *= inv);
         });
+        self.storage
+            .observe_attention(layer, queries, heads, scale, &out);
         Ok(out)
     }
 

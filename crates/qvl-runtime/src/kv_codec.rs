@@ -21,17 +21,21 @@
 //! [`CodecKvStorage::stats`] compares them with the f32 and f16 caches of
 //! the same blocks and counts the values actually quantized.
 
-use qvl_compress::{ExactStorage, GroupQuant, KvBlockCodec, QuantAxis, QuantBits, TokenSpan};
+use qvl_compress::{
+    CompressionConfig, ExactStorage, FactorStorage, GroupQuant, HalfFloat, HalfKind, KvBlockCodec,
+    LowRank, Method, QuantAxis, QuantBits, RankRule, Selector, SparseTopK, Target, TokenSpan,
+};
 use qvl_core::{Codec, MetricEvent, MetricsRecorder, TensorKind};
 use qvl_model::kv::PagedKvCache;
 use qvl_model::kv::{HostKvStorage, KvBlockId, KvBlockStorage, KvLayerView, KvLayout};
 use qvl_model::llama::{GgufTextModel, TextSession};
 use qvl_model::{Logits, ModelError, Result};
+use rayon::prelude::*;
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Which encoding the KV cache uses.
@@ -73,6 +77,159 @@ impl FromStr for KvCodecKind {
             other => Err(format!(
                 "unknown KV codec `{other}`: expected none, int8 or int4"
             )),
+        }
+    }
+}
+
+/// A KV cache encoding as `qvl perplexity --kv-codec` spells it: the KIVI
+/// quantizers, low rank, sparse, or the selector choosing per layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCodecSpec {
+    /// f32 blocks, nothing encoded.
+    None,
+    /// KIVI int8.
+    Int8,
+    /// KIVI int4.
+    Int4,
+    /// Truncated SVD of each layer slab (`[block_tokens, kv_width]`)
+    /// keeping this fraction of the rank, factors in f16 (`svd:R`).
+    Svd(f64),
+    /// Magnitude top-k of each layer slab keeping this fraction of the
+    /// values, in CSR (`sparse:R`).
+    Sparse(f64),
+    /// `qvl-compress`'s selector: per layer and for keys and values apart,
+    /// the smallest encoding within an error budget; critical layers exact.
+    Auto,
+}
+
+impl KvCodecSpec {
+    /// The spellings accepted, for error messages.
+    pub const NAMES: &'static str = "none, int8, int4, svd:R, sparse:R (R in (0, 1]) or auto";
+
+    /// The KIVI kind, for int8/int4.
+    pub fn kivi_kind(self) -> Option<KvCodecKind> {
+        match self {
+            KvCodecSpec::Int8 => Some(KvCodecKind::Int8),
+            KvCodecSpec::Int4 => Some(KvCodecKind::Int4),
+            _ => None,
+        }
+    }
+}
+
+impl From<KvCodecKind> for KvCodecSpec {
+    fn from(kind: KvCodecKind) -> Self {
+        match kind {
+            KvCodecKind::None => KvCodecSpec::None,
+            KvCodecKind::Int8 => KvCodecSpec::Int8,
+            KvCodecKind::Int4 => KvCodecSpec::Int4,
+        }
+    }
+}
+
+impl fmt::Display for KvCodecSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvCodecSpec::None => f.write_str("none"),
+            KvCodecSpec::Int8 => f.write_str("int8"),
+            KvCodecSpec::Int4 => f.write_str("int4"),
+            KvCodecSpec::Svd(r) => write!(f, "svd:{r}"),
+            KvCodecSpec::Sparse(r) => write!(f, "sparse:{r}"),
+            KvCodecSpec::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl FromStr for KvCodecSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        let (name, arg) = match lower.split_once(':') {
+            Some((n, a)) => (n, Some(a)),
+            None => (lower.as_str(), None),
+        };
+        let ratio = |what: &str| -> std::result::Result<f64, String> {
+            let Some(arg) = arg else {
+                return Err(format!(
+                    "KV codec `{s}` needs a ratio: {name}:R with R in (0, 1], e.g. {name}:0.5 ({what})"
+                ));
+            };
+            let r: f64 = arg.parse().map_err(|_| {
+                format!("KV codec `{s}`: the {what} `{arg}` is not a number (expected {name}:R with R in (0, 1])")
+            })?;
+            if r > 0.0 && r <= 1.0 {
+                Ok(r)
+            } else {
+                Err(format!(
+                    "KV codec `{s}`: the {what} {r} is not within (0, 1]"
+                ))
+            }
+        };
+        let no_arg = |spec: KvCodecSpec| match arg {
+            None => Ok(spec),
+            Some(a) => Err(format!(
+                "KV codec `{s}`: `{name}` takes no argument, got `:{a}`"
+            )),
+        };
+        match name {
+            "none" | "f32" => no_arg(KvCodecSpec::None),
+            "int8" | "q8" => no_arg(KvCodecSpec::Int8),
+            "int4" | "q4" => no_arg(KvCodecSpec::Int4),
+            "auto" => no_arg(KvCodecSpec::Auto),
+            "svd" => Ok(KvCodecSpec::Svd(ratio("rank ratio")?)),
+            "sparse" => Ok(KvCodecSpec::Sparse(ratio("fraction kept")?)),
+            other => Err(format!(
+                "unknown KV codec `{other}`: expected {}",
+                Self::NAMES
+            )),
+        }
+    }
+}
+
+/// How [`KvCodecSpec::Auto`] chooses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoKvOptions {
+    /// Largest relative Frobenius error of an encoded keys or values slab.
+    pub error_budget: f64,
+    /// Layers kept exact (negative counts from the last layer).
+    pub critical_layers: Vec<i64>,
+    /// Rank ratio of the SVD candidate.
+    pub svd_rank_ratio: f64,
+    /// Fraction kept by the sparse candidate.
+    pub sparse_keep_ratio: f64,
+}
+
+impl Default for AutoKvOptions {
+    fn default() -> Self {
+        AutoKvOptions {
+            error_budget: 0.1,
+            critical_layers: vec![0, -1],
+            svd_rank_ratio: 0.25,
+            sparse_keep_ratio: 0.1,
+        }
+    }
+}
+
+/// Everything a [`CodecKvStorage`] needs: the encoding, the KIVI settings
+/// (group sizes, sinks, recent window; `options.kind` is taken from
+/// `spec`) and the selector's settings for `auto`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCodecPlan {
+    /// The encoding.
+    pub spec: KvCodecSpec,
+    /// Group sizes, sinks and the recent window.
+    pub options: KvCodecOptions,
+    /// Used by [`KvCodecSpec::Auto`].
+    pub auto: AutoKvOptions,
+}
+
+impl KvCodecPlan {
+    /// `spec` with the default settings.
+    pub fn of(spec: KvCodecSpec) -> Self {
+        KvCodecPlan {
+            spec,
+            options: KvCodecOptions::default(),
+            auto: AutoKvOptions::default(),
         }
     }
 }
@@ -131,6 +288,41 @@ enum SlabCodec {
     },
     /// Any codec, same for keys and values, the slab treated as a whole.
     Plain(Arc<dyn Codec>),
+    /// The selector's choice per layer and for keys and values apart.
+    Auto(Arc<Selector>),
+}
+
+/// Sink tokens of a slab encoded by a plain codec, kept beside it.
+enum ExactRows {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+}
+
+impl ExactRows {
+    fn new(values: &[f32], f16: bool) -> ExactRows {
+        if f16 {
+            let mut words = vec![0u16; values.len()];
+            HalfFloat::to_bits(HalfKind::F16, values, &mut words);
+            ExactRows::F16(words)
+        } else {
+            ExactRows::F32(values.to_vec())
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            ExactRows::F32(v) => 4 * v.len(),
+            ExactRows::F16(v) => 2 * v.len(),
+        }
+    }
+
+    /// Writes the rows over the start of `out`.
+    fn restore(&self, out: &mut [f32]) {
+        match self {
+            ExactRows::F32(v) => out[..v.len()].copy_from_slice(v),
+            ExactRows::F16(v) => HalfFloat::from_bits(HalfKind::F16, v, &mut out[..v.len()]),
+        }
+    }
 }
 
 /// One layer of one block.
@@ -144,6 +336,8 @@ enum Slab {
         values: Vec<u8>,
         quantized: usize,
         exact_bytes: usize,
+        /// Sink tokens (keys, values) kept beside a plain codec's bytes.
+        sinks: Option<(ExactRows, ExactRows)>,
     },
 }
 
@@ -151,6 +345,55 @@ struct BlockSlot {
     /// Index of the block in the sequence.
     position: usize,
     layers: Vec<Slab>,
+    /// With the attention probe on: every layer's keys and values as
+    /// written (f32), not counted as held.
+    shadow: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Per layer: what was encoded and what it cost in accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct KvLayerStats {
+    /// Bytes of the encoded slabs of this layer (sinks included).
+    pub encoded_bytes: usize,
+    /// Values (keys and values) in them.
+    pub encoded_values: usize,
+    /// Squared error and squared norm of the keys of the encoded slabs.
+    pub key_err2: f64,
+    /// See `key_err2`.
+    pub key_ref2: f64,
+    /// Squared error and squared norm of the values.
+    pub value_err2: f64,
+    /// See `value_err2`.
+    pub value_ref2: f64,
+    /// Squared difference between attention over the decoded and over the
+    /// exact keys and values, same queries (attention probe on).
+    pub attn_err2: f64,
+    /// Squared norm of attention over the exact keys and values.
+    pub attn_ref2: f64,
+    /// Query rows (token x head) the probe compared.
+    pub attn_rows: usize,
+}
+
+impl KvLayerStats {
+    /// Bits per value of the encoded slabs.
+    pub fn bits_per_value(&self) -> f64 {
+        8.0 * self.encoded_bytes as f64 / self.encoded_values.max(1) as f64
+    }
+
+    /// Relative Frobenius error of the encoded keys.
+    pub fn key_rel_error(&self) -> f64 {
+        (self.key_err2 / self.key_ref2.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    /// Relative Frobenius error of the encoded values.
+    pub fn value_rel_error(&self) -> f64 {
+        (self.value_err2 / self.value_ref2.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    /// Relative error of the attention output (all probed rows).
+    pub fn attn_rel_error(&self) -> f64 {
+        (self.attn_err2 / self.attn_ref2.max(f64::MIN_POSITIVE)).sqrt()
+    }
 }
 
 /// What a [`CodecKvStorage`] holds, against f32 and f16 caches of the same
@@ -235,6 +478,10 @@ pub struct CodecKvStorage {
     counters: Arc<Counters>,
     /// Receives a `Compress` event per encoded keys or values slab.
     recorder: Option<Arc<dyn MetricsRecorder>>,
+    /// Sinks of plain codecs kept as f16 (else f32).
+    sinks_f16: bool,
+    /// Keep an exact shadow and measure attention against it.
+    probe: bool,
 }
 
 /// The storage's counters, shared with its [`KvCodecMonitor`].
@@ -248,9 +495,31 @@ struct Counters {
     exact_bytes: AtomicUsize,
     /// Tokens written, summed over layers.
     layer_tokens: AtomicUsize,
+    /// Per layer (grown on first use).
+    layers: Mutex<Vec<KvLayerStats>>,
 }
 
 impl Counters {
+    /// Runs `f` on layer `layer`'s tally.
+    fn with_layer(&self, layer: usize, f: impl FnOnce(&mut KvLayerStats)) {
+        // A poisoned lock only means a thread panicked mid-update; the sums stay usable.
+        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        if layers.len() <= layer {
+            layers.resize(layer + 1, KvLayerStats::default());
+        }
+        f(&mut layers[layer]);
+    }
+
+    fn layer_stats(&self, num_layers: usize) -> Vec<KvLayerStats> {
+        let mut out = self
+            .layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        out.resize(num_layers.max(out.len()), KvLayerStats::default());
+        out
+    }
+
     fn add(field: &AtomicUsize, n: usize) {
         field.fetch_add(n, Ordering::Relaxed);
     }
@@ -286,12 +555,35 @@ impl Counters {
 pub struct KvCodecMonitor {
     layout: KvLayout,
     counters: Arc<Counters>,
+    selector: Option<Arc<Selector>>,
 }
 
 impl KvCodecMonitor {
     /// What the storage holds now.
     pub fn stats(&self) -> KvCodecStats {
         self.counters.stats(self.layout)
+    }
+
+    /// Per layer: bytes, errors and (with the probe) attention error.
+    pub fn layer_stats(&self) -> Vec<KvLayerStats> {
+        self.counters.layer_stats(self.layout.layers)
+    }
+
+    /// With `auto`: the codec chosen last for each layer's keys and values.
+    pub fn auto_choices(&self) -> Option<Vec<[String; 2]>> {
+        let sel = self.selector.as_ref()?;
+        let name = |t: Target| {
+            if sel.is_critical(t.layer) {
+                "exact (critical layer)".to_string()
+            } else {
+                sel.chosen(&t).map_or_else(|| "-".to_string(), |c| c.name())
+            }
+        };
+        Some(
+            (0..self.layout.layers as u32)
+                .map(|l| [name(Target::keys(l)), name(Target::values(l))])
+                .collect(),
+        )
     }
 }
 
@@ -351,6 +643,65 @@ impl CodecKvStorage {
         ))
     }
 
+    /// A storage for `plan`: KIVI for int8/int4, or a plain codec (SVD,
+    /// sparse) or the selector (`auto`) over each layer slab, with the
+    /// plan's sink tokens kept exact beside the encoding; `none` is
+    /// refused (use [`HostKvStorage`]).
+    pub fn from_plan(layout: KvLayout, plan: &KvCodecPlan) -> Result<CodecKvStorage> {
+        let o = plan.options;
+        let bad = |e: String| ModelError::InvalidInput(format!("KV codec {}: {e}", plan.spec));
+        let codec = match plan.spec {
+            KvCodecSpec::None => {
+                return Err(ModelError::InvalidInput(
+                    "CodecKvStorage needs a codec; `none` is HostKvStorage".to_string(),
+                ))
+            }
+            KvCodecSpec::Int8 | KvCodecSpec::Int4 => {
+                let kind = plan.spec.kivi_kind().unwrap_or(KvCodecKind::Int4);
+                return CodecKvStorage::new(layout, KvCodecOptions { kind, ..o });
+            }
+            KvCodecSpec::Svd(r) => SlabCodec::Plain(Arc::new(
+                LowRank::new(RankRule::Ratio(r), FactorStorage::F16)
+                    .map_err(|e| bad(e.to_string()))?,
+            )),
+            KvCodecSpec::Sparse(r) => SlabCodec::Plain(Arc::new(
+                SparseTopK::new(r).map_err(|e| bad(e.to_string()))?,
+            )),
+            KvCodecSpec::Auto => {
+                let a = &plan.auto;
+                let config = CompressionConfig {
+                    enabled: true,
+                    methods: vec![Method::Quant, Method::F16, Method::Svd, Method::Sparse],
+                    quantization_bits: vec![4, 8],
+                    symmetric: o.symmetric,
+                    group_size: o.group_size,
+                    svd_rank_ratio: a.svd_rank_ratio,
+                    sparse_keep_ratio: a.sparse_keep_ratio,
+                    error_budget: a.error_budget,
+                    critical_layers: a.critical_layers.clone(),
+                    // Sinks and the recent window are the storage's business.
+                    kv_sink_tokens: 0,
+                    kv_recent_tokens: 0,
+                    ..CompressionConfig::default()
+                };
+                let selector =
+                    Selector::new(config, layout.layers as u32).map_err(|e| bad(e.to_string()))?;
+                SlabCodec::Auto(Arc::new(selector))
+            }
+        };
+        let mut storage = Self::with_codec(layout, codec, o.sink_tokens, o.recent_tokens);
+        storage.sinks_f16 = o.sinks_f16;
+        Ok(storage)
+    }
+
+    /// Keeps an exact f32 copy of every block beside the encoding (not
+    /// counted as held) and, on every attention, computes attention over
+    /// it with the same queries: [`KvLayerStats::attn_rel_error`].
+    pub fn with_attention_probe(mut self) -> CodecKvStorage {
+        self.probe = true;
+        self
+    }
+
     /// A storage encoding each full layer slab with `codec` (any
     /// `qvl_core::Codec`; sinks are then whatever the codec makes of them).
     pub fn with_plain_codec(
@@ -379,6 +730,8 @@ impl CodecKvStorage {
             next_encode: vec![0; layout.layers],
             counters: Arc::default(),
             recorder: None,
+            sinks_f16: true,
+            probe: false,
         }
     }
 
@@ -396,6 +749,11 @@ impl CodecKvStorage {
                 format!("keys {} values {}", keys.name(), values.name())
             }
             SlabCodec::Plain(c) => c.name(),
+            SlabCodec::Auto(s) => format!(
+                "auto (budget {}, critical layers {:?})",
+                s.config().error_budget,
+                s.config().critical_layers
+            ),
         }
     }
 
@@ -414,6 +772,10 @@ impl CodecKvStorage {
         KvCodecMonitor {
             layout: self.layout,
             counters: Arc::clone(&self.counters),
+            selector: match &self.codec {
+                SlabCodec::Auto(s) => Some(Arc::clone(s)),
+                _ => None,
+            },
         }
     }
 
@@ -447,7 +809,8 @@ impl CodecKvStorage {
         seq_len: usize,
     ) -> Result<()> {
         let l = self.layout;
-        let shape = [l.block_tokens, l.token_width()];
+        let w = l.token_width();
+        let shape = [l.block_tokens, w];
         let first_token = position * l.block_tokens;
         let sinks = self
             .sink_tokens
@@ -455,6 +818,7 @@ impl CodecKvStorage {
             .min(l.block_tokens);
         let codec = self.codec.clone();
         let half = self.half();
+        let sinks_f16 = self.sinks_f16;
         let block = self.blocks[slot]
             .as_mut()
             .ok_or_else(|| kv_err(format!("block slot {slot} in sequence order is free")))?;
@@ -472,7 +836,7 @@ impl CodecKvStorage {
                 "encoding the {what} of layer {layer}, block {position}: {e}"
             ))
         };
-        let (kb, vb, quantized, exact_bytes, reports) = match &codec {
+        let (kb, vb, quantized, exact_bytes, reports, sink_rows) = match &codec {
             SlabCodec::Kivi {
                 keys: kc,
                 values: vc,
@@ -487,20 +851,47 @@ impl CodecKvStorage {
                 (
                     k.bytes,
                     v.bytes,
-                    2 * (l.block_tokens - sinks) * l.token_width(),
-                    2 * sinks * l.token_width() * width,
+                    2 * (l.block_tokens - sinks) * w,
+                    2 * sinks * w * width,
                     [k.report, v.report],
+                    None,
                 )
             }
-            SlabCodec::Plain(c) => {
-                let k = c
-                    .encode(keys, &shape)
-                    .map_err(|e| encode_err("keys", e.to_string()))?;
-                let v = c
-                    .encode(values, &shape)
-                    .map_err(|e| encode_err("values", e.to_string()))?;
-                let q = if c.is_lossless() { 0 } else { 2 * half };
-                (k.bytes, v.bytes, q, 0, [k.report, v.report])
+            SlabCodec::Plain(_) | SlabCodec::Auto(_) => {
+                // Sink rows go beside the encoding, exact; the codec sees
+                // zeros there so they do not steer its scales or factors.
+                let n = sinks * w;
+                let (k_in, v_in, sink_rows) = if n > 0 {
+                    let mut k = keys.clone();
+                    let mut v = values.clone();
+                    k[..n].fill(0.0);
+                    v[..n].fill(0.0);
+                    let rows = (
+                        ExactRows::new(&keys[..n], sinks_f16),
+                        ExactRows::new(&values[..n], sinks_f16),
+                    );
+                    (Cow::Owned(k), Cow::Owned(v), Some(rows))
+                } else {
+                    (Cow::Borrowed(&keys[..]), Cow::Borrowed(&values[..]), None)
+                };
+                let (k, v) = match &codec {
+                    SlabCodec::Auto(sel) => (
+                        sel.encode(Target::keys(layer as u32), &k_in, &shape),
+                        sel.encode(Target::values(layer as u32), &v_in, &shape),
+                    ),
+                    SlabCodec::Plain(c) => (c.encode(&k_in, &shape), c.encode(&v_in, &shape)),
+                    SlabCodec::Kivi { .. } => {
+                        return Err(kv_err("a KIVI slab reached the plain-codec path"))
+                    }
+                };
+                let k = k.map_err(|e| encode_err("keys", e.to_string()))?;
+                let v = v.map_err(|e| encode_err("values", e.to_string()))?;
+                let lossy = |c: qvl_core::CodecId| {
+                    c != qvl_compress::ids::EXACT_F32 && c != qvl_compress::ids::ZSTD
+                };
+                let q = (usize::from(lossy(k.codec)) + usize::from(lossy(v.codec))) * (half - n);
+                let exact = sink_rows.as_ref().map_or(0, |(a, b)| a.bytes() + b.bytes());
+                (k.bytes, v.bytes, q, exact, [k.report, v.report], sink_rows)
             }
         };
         if let Some(r) = &self.recorder {
@@ -513,12 +904,32 @@ impl CodecKvStorage {
                 });
             }
         }
-        let bytes = kb.len() + vb.len();
+        // The error of this slab as attention will read it back.
+        let err2 = |bytes: &[u8], exact: &[f32], rows: Option<&ExactRows>, what: &str| {
+            let mut back = vec![0f32; half];
+            qvl_compress::decode_any(bytes, &shape, &mut back)
+                .map_err(|e| encode_err(what, format!("decoding back: {e}")))?;
+            if let Some(rows) = rows {
+                rows.restore(&mut back);
+            }
+            let mut e2 = 0f64;
+            let mut r2 = 0f64;
+            for (&a, &b) in exact.iter().zip(&back) {
+                e2 += ((a - b) as f64).powi(2);
+                r2 += (a as f64).powi(2);
+            }
+            Ok::<_, ModelError>((e2, r2))
+        };
+        let (ke2, kr2) = err2(&kb, keys, sink_rows.as_ref().map(|r| &r.0), "keys")?;
+        let (ve2, vr2) = err2(&vb, values, sink_rows.as_ref().map(|r| &r.1), "values")?;
+        let bytes =
+            kb.len() + vb.len() + sink_rows.as_ref().map_or(0, |(a, b)| a.bytes() + b.bytes());
         block.layers[layer] = Slab::Encoded {
             keys: kb,
             values: vb,
             quantized,
             exact_bytes,
+            sinks: sink_rows,
         };
         let c = &self.counters;
         Counters::add(&c.held_bytes, bytes);
@@ -527,6 +938,14 @@ impl CodecKvStorage {
         Counters::add(&c.encoded_slabs, 1);
         Counters::add(&c.quantized_values, quantized);
         Counters::add(&c.exact_bytes, exact_bytes);
+        c.with_layer(layer, |t| {
+            t.encoded_bytes += bytes;
+            t.encoded_values += 2 * half;
+            t.key_err2 += ke2;
+            t.key_ref2 += kr2;
+            t.value_err2 += ve2;
+            t.value_ref2 += vr2;
+        });
         Ok(())
     }
 }
@@ -546,6 +965,13 @@ impl KvBlockStorage for CodecKvStorage {
                     values: vec![0f32; half],
                 })
                 .collect(),
+            shadow: if self.probe {
+                (0..self.layout.layers)
+                    .map(|_| (vec![0f32; half], vec![0f32; half]))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         let slot = match self.free.pop() {
             Some(i) => {
@@ -581,8 +1007,15 @@ impl KvBlockStorage for CodecKvStorage {
                     values,
                     quantized,
                     exact_bytes,
+                    sinks,
                 } => {
-                    let b = keys.len() + values.len();
+                    let b = keys.len()
+                        + values.len()
+                        + sinks.as_ref().map_or(0, |(k, v)| k.bytes() + v.bytes());
+                    c.with_layer(layer, |t| {
+                        t.encoded_bytes -= b;
+                        t.encoded_values -= 2 * half;
+                    });
                     Counters::sub(&c.held_bytes, b);
                     Counters::sub(&c.encoded_bytes, b);
                     Counters::sub(&c.encoded_slabs, 1);
@@ -622,6 +1055,10 @@ impl KvBlockStorage for CodecKvStorage {
         let tokens = l.check_write(layer, slot, keys, values)?;
         let block = self.slot_mut(id)?;
         let position = block.position;
+        if let Some((sk, sv)) = block.shadow.get_mut(layer) {
+            sk[slot * w..slot * w + keys.len()].copy_from_slice(keys);
+            sv[slot * w..slot * w + values.len()].copy_from_slice(values);
+        }
         match &mut block.layers[layer] {
             Slab::Open {
                 keys: kd,
@@ -661,9 +1098,14 @@ impl KvBlockStorage for CodecKvStorage {
                 keys: Cow::Borrowed(keys),
                 values: Cow::Borrowed(values),
             }),
-            Slab::Encoded { keys, values, .. } => {
+            Slab::Encoded {
+                keys,
+                values,
+                sinks,
+                ..
+            } => {
                 let shape = [l.block_tokens, l.token_width()];
-                let decode = |bytes: &[u8], what: &str| {
+                let decode = |bytes: &[u8], rows: Option<&ExactRows>, what: &str| {
                     let mut out = vec![0f32; self.half()];
                     qvl_compress::decode_any(bytes, &shape, &mut out).map_err(|e| {
                         kv_err(format!(
@@ -671,11 +1113,14 @@ impl KvBlockStorage for CodecKvStorage {
                             id.0
                         ))
                     })?;
+                    if let Some(rows) = rows {
+                        rows.restore(&mut out);
+                    }
                     Ok::<_, ModelError>(out)
                 };
                 Ok(KvLayerView {
-                    keys: Cow::Owned(decode(keys, "keys")?),
-                    values: Cow::Owned(decode(values, "values")?),
+                    keys: Cow::Owned(decode(keys, sinks.as_ref().map(|s| &s.0), "keys")?),
+                    values: Cow::Owned(decode(values, sinks.as_ref().map(|s| &s.1), "values")?),
                 })
             }
         }
@@ -683,6 +1128,77 @@ impl KvBlockStorage for CodecKvStorage {
 
     fn used_bytes(&self) -> usize {
         self.counters.held_bytes.load(Ordering::Relaxed)
+    }
+
+    fn observe_attention(
+        &self,
+        layer: usize,
+        queries: &[f32],
+        heads: usize,
+        scale: f32,
+        output: &[f32],
+    ) {
+        if !self.probe || layer >= self.layout.layers {
+            return;
+        }
+        let l = self.layout;
+        let (hd, w) = (l.head_dim, l.token_width());
+        let n = queries.len() / (heads * hd).max(1);
+        let total = self.layer_len[layer];
+        if n == 0 || n > total || heads % l.kv_heads != 0 || output.len() != queries.len() {
+            return;
+        }
+        let group = heads / l.kv_heads;
+        let first = total - n;
+        let shadow: Vec<&(Vec<f32>, Vec<f32>)> = self
+            .order
+            .iter()
+            .filter_map(|&s| self.blocks[s].as_ref()?.shadow.get(layer))
+            .collect();
+        let key = |t: usize, kvh: usize| {
+            let (b, slot) = (t / l.block_tokens, t % l.block_tokens);
+            &shadow[b].0[slot * w + kvh * hd..slot * w + (kvh + 1) * hd]
+        };
+        let value = |t: usize, kvh: usize| {
+            let (b, slot) = (t / l.block_tokens, t % l.block_tokens);
+            &shadow[b].1[slot * w + kvh * hd..slot * w + (kvh + 1) * hd]
+        };
+        if shadow.len() * l.block_tokens < total {
+            return;
+        }
+        // Exact attention per (token, head), in parallel; sums in f64.
+        let (err2, ref2) = (0..n * heads)
+            .into_par_iter()
+            .map(|qh| {
+                let (i, h) = (qh / heads, qh % heads);
+                let q = &queries[qh * hd..(qh + 1) * hd];
+                let kvh = h / group;
+                let visible = first + i + 1;
+                let scores: Vec<f32> = (0..visible)
+                    .map(|t| q.iter().zip(key(t, kvh)).map(|(a, b)| a * b).sum::<f32>() * scale)
+                    .collect();
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut acc = vec![0f64; hd];
+                let mut sum = 0f64;
+                for (t, &sc) in scores.iter().enumerate() {
+                    let p = ((sc - max) as f64).exp();
+                    sum += p;
+                    for (a, &v) in acc.iter_mut().zip(value(t, kvh)) {
+                        *a += p * v as f64;
+                    }
+                }
+                let got = &output[qh * hd..(qh + 1) * hd];
+                acc.iter().zip(got).fold((0f64, 0f64), |(e, r), (&a, &g)| {
+                    let exact = a / sum;
+                    (e + (exact - g as f64).powi(2), r + exact * exact)
+                })
+            })
+            .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        self.counters.with_layer(layer, |t| {
+            t.attn_err2 += err2;
+            t.attn_ref2 += ref2;
+            t.attn_rows += n * heads;
+        });
     }
 }
 
@@ -714,7 +1230,7 @@ impl Default for KvEvalOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvCodecRun {
     /// The encoding.
-    pub kind: KvCodecKind,
+    pub spec: KvCodecSpec,
     /// The codec in full ("none" for f32).
     pub codec: String,
     /// Perplexity of the text.
@@ -731,8 +1247,24 @@ pub struct KvCodecRun {
     pub top1_agreement: f64,
     /// What the cache held at the end of the text.
     pub stats: KvCodecStats,
-    /// Seconds of the run.
+    /// Per layer at the end of the text: bits per value, key and value
+    /// error, attention-output error against exact K/V (empty for f32).
+    pub layers: Vec<KvLayerStats>,
+    /// With `auto`: the codec chosen for each layer's keys and values.
+    pub auto_choices: Option<Vec<[String; 2]>>,
+    /// Seconds of the run (the attention probe's included).
     pub secs: f64,
+}
+
+impl KvCodecRun {
+    /// Attention-output relative error over all layers' probed rows.
+    pub fn attn_rel_error(&self) -> f64 {
+        let (e, r) = self
+            .layers
+            .iter()
+            .fold((0.0, 0.0), |(e, r), l| (e + l.attn_err2, r + l.attn_ref2));
+        (e / f64::max(r, f64::MIN_POSITIVE)).sqrt()
+    }
 }
 
 /// [`measure_kv_codecs`]'s result: the baseline first.
@@ -797,11 +1329,13 @@ struct Tally {
 
 /// Runs `ids` through `model` with an f32 KV cache and with each of
 /// `codecs`, in lockstep chunks, and compares every next-token
-/// distribution with the f32 run's.
+/// distribution with the f32 run's. Each codec's storage runs with the
+/// attention probe, so every layer's attention output over the decoded K/V
+/// is compared with attention over the exact K/V for the same queries.
 pub fn measure_kv_codecs(
     model: &GgufTextModel,
     ids: &[u32],
-    codecs: &[KvCodecOptions],
+    codecs: &[KvCodecPlan],
     eval: KvEvalOptions,
 ) -> Result<KvQualityReport> {
     if eval.block_tokens == 0 || eval.chunk_tokens == 0 {
@@ -825,8 +1359,8 @@ pub fn measure_kv_codecs(
     }];
     let mut names = vec!["none".to_string()];
     let mut monitors = vec![None];
-    for opt in codecs {
-        if opt.kind == KvCodecKind::None {
+    for plan in codecs {
+        if plan.spec == KvCodecSpec::None {
             sessions.push(TextSession {
                 cache: PagedKvCache::new(Box::new(HostKvStorage::new(layout))),
             });
@@ -834,7 +1368,7 @@ pub fn measure_kv_codecs(
             monitors.push(None);
             continue;
         }
-        let storage = CodecKvStorage::new(layout, *opt)?;
+        let storage = CodecKvStorage::from_plan(layout, plan)?.with_attention_probe();
         names.push(storage.codec_name());
         monitors.push(Some(storage.monitor()));
         sessions.push(TextSession {
@@ -882,8 +1416,8 @@ pub fn measure_kv_codecs(
         }
     }
     let base_ppl = (tallies[0].nll / tallies[0].scored.max(1) as f64).exp();
-    let mut kinds = vec![KvCodecKind::None];
-    kinds.extend(codecs.iter().map(|o| o.kind));
+    let mut specs = vec![KvCodecSpec::None];
+    specs.extend(codecs.iter().map(|p| p.spec));
     let runs = tallies
         .iter()
         .enumerate()
@@ -892,7 +1426,7 @@ pub fn measure_kv_codecs(
             let nll_mean = t.nll / n;
             let ppl = nll_mean.exp();
             KvCodecRun {
-                kind: kinds[s],
+                spec: specs[s],
                 codec: names[s].clone(),
                 perplexity: ppl,
                 nll_mean,
@@ -901,6 +1435,10 @@ pub fn measure_kv_codecs(
                 kl_max: t.kl_max,
                 top1_agreement: if s == 0 { 1.0 } else { t.agree as f64 / n },
                 stats: last_stats[s],
+                layers: monitors[s]
+                    .as_ref()
+                    .map_or_else(Vec::new, KvCodecMonitor::layer_stats),
+                auto_choices: monitors[s].as_ref().and_then(KvCodecMonitor::auto_choices),
                 secs: t.secs,
             }
         })
@@ -1131,5 +1669,167 @@ mod tests {
         };
         let e = CodecKvStorage::new(l, odd).err().unwrap().to_string();
         assert!(e.contains("group size 7"), "{e}");
+    }
+
+    #[test]
+    fn kv_codec_specs_parse_and_errors_name_the_problem() {
+        let ok = |s: &str| s.parse::<KvCodecSpec>().unwrap();
+        assert_eq!(ok("SVD:0.5"), KvCodecSpec::Svd(0.5));
+        assert_eq!(ok("sparse:0.25"), KvCodecSpec::Sparse(0.25));
+        assert_eq!(ok("auto"), KvCodecSpec::Auto);
+        assert_eq!(ok("int4"), KvCodecSpec::Int4);
+        assert_eq!(ok("none"), KvCodecSpec::None);
+        assert_eq!(ok("svd:1"), KvCodecSpec::Svd(1.0));
+        for spec in [ok("svd:0.5"), ok("sparse:0.1"), ok("auto"), ok("int8")] {
+            assert_eq!(spec.to_string().parse::<KvCodecSpec>(), Ok(spec));
+        }
+        let err = |s: &str| s.parse::<KvCodecSpec>().unwrap_err();
+        assert!(
+            err("svd").contains("needs a ratio: svd:R"),
+            "{}",
+            err("svd")
+        );
+        assert!(err("sparse:abc").contains("`abc` is not a number"));
+        assert!(err("svd:0").contains("not within (0, 1]"));
+        assert!(err("sparse:1.5").contains("not within (0, 1]"));
+        assert!(err("svd:nan").contains("not within (0, 1]"));
+        assert!(err("auto:3").contains("takes no argument"));
+        assert!(err("zip").contains("unknown KV codec `zip`"));
+        assert!(err("zip").contains(KvCodecSpec::NAMES));
+        let l = KvLayout {
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 8,
+            block_tokens: 8,
+        };
+        assert!(CodecKvStorage::from_plan(l, &KvCodecPlan::of(KvCodecSpec::None)).is_err());
+        let bad_budget = KvCodecPlan {
+            auto: AutoKvOptions {
+                error_budget: -1.0,
+                ..AutoKvOptions::default()
+            },
+            ..KvCodecPlan::of(KvCodecSpec::Auto)
+        };
+        let e = CodecKvStorage::from_plan(l, &bad_budget)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("error_budget"), "{e}");
+    }
+
+    /// Every encoding through a generated GGUF model, compared with the f32
+    /// cache in one run: the report has every measure, per layer.
+    #[test]
+    fn every_codec_runs_end_to_end_on_a_generated_model() {
+        use crate::gen_model::{write_llama_gguf, GenModelConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_llama_gguf(
+            &path,
+            &GenModelConfig {
+                layers: 4,
+                hidden: 64,
+                intermediate: 128,
+                heads: 4,
+                kv_heads: 2,
+                dtype: qvl_core::DType::F32,
+                seed: 3,
+            },
+        )
+        .unwrap();
+        let model = GgufTextModel::load(&path).unwrap();
+        let vocab = model.decoder().config().vocab_size as u32;
+        let ids: Vec<u32> = (0..88u32).map(|i| (i * 37 + 5) % vocab).collect();
+        let options = KvCodecOptions {
+            group_size: 16,
+            key_group_tokens: 16,
+            recent_tokens: 16,
+            sink_tokens: 4,
+            ..KvCodecOptions::default()
+        };
+        let specs = [
+            KvCodecSpec::Int8,
+            KvCodecSpec::Int4,
+            KvCodecSpec::Svd(0.5),
+            KvCodecSpec::Sparse(0.5),
+            KvCodecSpec::Auto,
+        ];
+        let plans: Vec<KvCodecPlan> = specs
+            .iter()
+            .map(|&spec| KvCodecPlan {
+                spec,
+                options,
+                auto: AutoKvOptions {
+                    error_budget: 0.05,
+                    ..AutoKvOptions::default()
+                },
+            })
+            .collect();
+        let eval = KvEvalOptions {
+            block_tokens: 16,
+            chunk_tokens: 8,
+        };
+        let report = measure_kv_codecs(&model, &ids, &plans, eval).unwrap();
+        assert_eq!(report.tokens, 88);
+        assert_eq!(report.runs.len(), 1 + specs.len());
+        let base = &report.runs[0];
+        assert_eq!(base.spec, KvCodecSpec::None);
+        assert!(base.layers.is_empty() && base.kl_mean == 0.0);
+        for (run, spec) in report.runs[1..].iter().zip(specs) {
+            assert_eq!(run.spec, spec);
+            assert!(
+                run.perplexity.is_finite() && run.perplexity > 1.0,
+                "{run:?}"
+            );
+            assert!(run.kl_mean >= 0.0 && run.kl_mean.is_finite(), "{run:?}");
+            assert!((0.0..=1.0).contains(&run.top1_agreement));
+            assert_eq!(run.layers.len(), 4);
+            // 88 tokens in blocks of 16, recent 16: 4 blocks encoded per layer.
+            assert_eq!(run.stats.encoded_slabs, 4 * 4, "{spec}");
+            for (i, l) in run.layers.iter().enumerate() {
+                // Every query row of every chunk was probed.
+                assert_eq!(l.attn_rows, 88 * 4, "{spec} layer {i}");
+                assert!(l.attn_rel_error().is_finite() && l.bits_per_value() > 0.0);
+            }
+            assert!(
+                run.attn_rel_error() > 0.0,
+                "{spec}: lossy codecs change attention"
+            );
+        }
+        let attn = |i: usize| report.runs[i].attn_rel_error();
+        let bits = |i: usize| report.runs[i].stats.encoded_bits_per_value();
+        assert!(attn(1) < attn(2), "int8 {} vs int4 {}", attn(1), attn(2));
+        assert!(
+            bits(2) < bits(1) && bits(1) < 16.0,
+            "int4 {} int8 {}",
+            bits(2),
+            bits(1)
+        );
+        // Sparse keeping half: f32 values and u16 column indices, 3 bytes a value.
+        assert!(bits(4) < 32.0);
+        let auto = &report.runs[5];
+        let choices = auto.auto_choices.as_ref().unwrap();
+        assert_eq!(choices.len(), 4);
+        assert!(choices[0][0].contains("critical") && choices[3][1].contains("critical"));
+        assert!(
+            choices[1][0].starts_with("kv[") || choices[1][0].contains('-'),
+            "{choices:?}"
+        );
+        // Critical layers stay exact (f32 plus f16 sinks): no error to speak of.
+        for layer in [0, 3] {
+            let l = auto.layers[layer];
+            assert!(
+                l.key_rel_error() < 1e-3 && l.attn_rel_error() < 1e-3,
+                "{l:?}"
+            );
+            assert!(l.bits_per_value() > 31.0, "{l:?}");
+        }
+        // The middle layers are encoded within the budget.
+        for layer in [1, 2] {
+            let l = auto.layers[layer];
+            assert!(l.key_rel_error() <= 0.05 + 1e-6, "{l:?}");
+            assert!(l.value_rel_error() <= 0.05 + 1e-6, "{l:?}");
+            assert!(l.bits_per_value() < 32.0, "{l:?}");
+        }
     }
 }

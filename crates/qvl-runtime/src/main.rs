@@ -190,10 +190,23 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Also run with the KV cache held by these codecs (comma-separated:
-        /// none, int8, int4; KIVI axes) and compare with the f32 cache:
-        /// perplexity change, KL, top-1 agreement, KV bytes.
+        /// none, int8, int4 (KIVI), svd:R (rank ratio R), sparse:R
+        /// (fraction kept R), auto (per layer, K and V apart, the smallest
+        /// within --kv-error-budget)) and compare with the f32 cache:
+        /// perplexity change, KL, top-1 agreement, attention-output error
+        /// per layer, bits per value.
         #[arg(long, value_delimiter = ',', default_value = "none")]
-        kv_codec: Vec<qvl_runtime::kv_codec::KvCodecKind>,
+        kv_codec: Vec<qvl_runtime::kv_codec::KvCodecSpec>,
+        /// auto: largest relative Frobenius error of an encoded keys or
+        /// values slab.
+        #[arg(long, default_value = "0.1", allow_hyphen_values = true,
+              value_parser = commands::kv_codec::parse_error_budget)]
+        kv_error_budget: f64,
+        /// auto: layers kept exact, comma-separated (negative counts from
+        /// the last layer), or none.
+        #[arg(long, default_value = "0,-1", allow_hyphen_values = true,
+              value_parser = commands::kv_codec::parse_critical_layers)]
+        kv_critical_layers: std::vec::Vec<i64>,
         /// Channels per value group of the KV codec.
         #[arg(long, default_value_t = 64)]
         kv_group_size: usize,
@@ -400,10 +413,12 @@ fn main() -> ExitCode {
             kv_recent_tokens,
             kv_sink_tokens,
             weights,
+            kv_error_budget,
+            kv_critical_layers,
         } => {
             let no_kv_codec = kv_codec
                 .iter()
-                .all(|k| *k == qvl_runtime::kv_codec::KvCodecKind::None);
+                .all(|k| *k == qvl_runtime::kv_codec::KvCodecSpec::None);
             if no_kv_codec && weights == [qvl_model::WeightFormat::F32] {
                 commands::run::perplexity(model, &text, json)
             } else if no_kv_codec {
@@ -423,6 +438,8 @@ fn main() -> ExitCode {
                     sink_tokens: kv_sink_tokens,
                     json,
                     weights: weights[0],
+                    error_budget: kv_error_budget,
+                    critical_layers: kv_critical_layers,
                 })
             }
         }

@@ -1,5 +1,6 @@
 //! `qvl perplexity --kv-codec ...`: the perplexity of a text with the KV
-//! cache held int8/int4 (KIVI), against the f32 cache in the same run;
+//! cache held int8/int4 (KIVI), low rank, sparse or as the selector
+//! chooses per layer, against the f32 cache in the same run;
 //! `qvl perplexity --weights ...`: with the weight matrices held f32, as
 //! the file's own blocks, or re-quantized int8/int4, compared in one run.
 
@@ -7,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use qvl_model::fetch::{self, SMOLLM2};
 use qvl_model::llama::GgufTextModel;
 use qvl_model::{LoadOptions, WeightFormat};
-use qvl_runtime::kv_codec::{measure_kv_codecs, KvCodecKind, KvCodecOptions, KvEvalOptions};
+use qvl_runtime::kv_codec::{
+    measure_kv_codecs, AutoKvOptions, KvCodecOptions, KvCodecPlan, KvCodecSpec, KvEvalOptions,
+};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,7 +21,7 @@ pub struct KvPerplexityArgs {
     /// The text file.
     pub text: PathBuf,
     /// The codecs to compare with the f32 cache (`none` entries are skipped).
-    pub codecs: Vec<KvCodecKind>,
+    pub codecs: Vec<KvCodecSpec>,
     /// Channels per value group.
     pub group_size: usize,
     /// Tokens per KV block (and per key group).
@@ -31,6 +34,44 @@ pub struct KvPerplexityArgs {
     pub json: bool,
     /// How the model's weights are held.
     pub weights: WeightFormat,
+    /// `auto`: largest relative error of an encoded keys or values slab.
+    pub error_budget: f64,
+    /// `auto`: layers kept exact (negative counts from the last).
+    pub critical_layers: Vec<i64>,
+}
+
+/// Parses `--kv-critical-layers`: `none` or comma-separated layer numbers,
+/// negative ones counting from the last layer.
+pub fn parse_critical_layers(s: &str) -> Result<Vec<i64>, String> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|part| {
+            part.trim().parse::<i64>().map_err(|_| {
+                format!(
+                    "critical layer `{}` in `{s}` is not an integer (expected e.g. 0,-1 or none)",
+                    part.trim()
+                )
+            })
+        })
+        .collect()
+}
+
+/// Checks `--kv-error-budget`.
+pub fn parse_error_budget(s: &str) -> Result<f64, String> {
+    let b: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("KV error budget `{s}` is not a number (e.g. 0.1)"))?;
+    if b.is_finite() && b >= 0.0 {
+        Ok(b)
+    } else {
+        Err(format!(
+            "KV error budget {b} must be a finite relative error >= 0"
+        ))
+    }
 }
 
 /// Runs the text with the f32 cache and each codec; prints perplexity,
@@ -42,17 +83,24 @@ pub fn perplexity(args: KvPerplexityArgs) -> Result<ExitCode> {
     let model = GgufTextModel::load_with_options(&path, &LoadOptions::new(args.weights))
         .with_context(|| format!("loading {}", path.display()))?;
     let ids = model.tokenizer().encode(&text, true);
-    let codecs: Vec<KvCodecOptions> = args
+    let codecs: Vec<KvCodecPlan> = args
         .codecs
         .iter()
-        .filter(|k| **k != KvCodecKind::None)
-        .map(|&kind| KvCodecOptions {
-            kind,
-            group_size: args.group_size,
-            key_group_tokens: args.block_tokens,
-            sink_tokens: args.sink_tokens,
-            recent_tokens: args.recent_tokens,
-            ..KvCodecOptions::default()
+        .filter(|k| **k != KvCodecSpec::None)
+        .map(|&spec| KvCodecPlan {
+            spec,
+            options: KvCodecOptions {
+                group_size: args.group_size,
+                key_group_tokens: args.block_tokens,
+                sink_tokens: args.sink_tokens,
+                recent_tokens: args.recent_tokens,
+                ..KvCodecOptions::default()
+            },
+            auto: AutoKvOptions {
+                error_budget: args.error_budget,
+                critical_layers: args.critical_layers.clone(),
+                ..AutoKvOptions::default()
+            },
         })
         .collect();
     let eval = KvEvalOptions {
@@ -199,8 +247,26 @@ fn print_report(report: &qvl_runtime::kv_codec::KvQualityReport, model: &Path, j
             .iter()
             .map(|r| {
                 let s = r.stats;
+                let layers: Vec<serde_json::Value> = r
+                    .layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let choice = r.auto_choices.as_ref().and_then(|c| c.get(i));
+                        serde_json::json!({
+                            "layer": i,
+                            "bits_per_value": l.bits_per_value(),
+                            "key_rel_error": l.key_rel_error(),
+                            "value_rel_error": l.value_rel_error(),
+                            "attn_rel_error": l.attn_rel_error(),
+                            "attn_rows": l.attn_rows,
+                            "key_codec": choice.map(|c| c[0].clone()),
+                            "value_codec": choice.map(|c| c[1].clone()),
+                        })
+                    })
+                    .collect();
                 serde_json::json!({
-                    "kv_codec": r.kind.as_str(),
+                    "kv_codec": r.spec.to_string(),
                     "codec": r.codec,
                     "perplexity": r.perplexity,
                     "perplexity_rel_change": r.perplexity_rel_change,
@@ -208,13 +274,16 @@ fn print_report(report: &qvl_runtime::kv_codec::KvQualityReport, model: &Path, j
                     "kl_mean": r.kl_mean,
                     "kl_max": r.kl_max,
                     "top1_agreement": r.top1_agreement,
+                    "attn_rel_error": r.attn_rel_error(),
                     "kv_held_bytes": s.held_bytes,
                     "kv_f16_bytes": s.f16_bytes,
                     "kv_f32_bytes": s.f32_bytes,
                     "encoded_bytes": s.encoded_bytes,
+                    "encoded_bits_per_value": s.encoded_bits_per_value(),
                     "quantized_fraction": s.quantized_fraction(),
                     "quantized_bits_per_value": s.quantized_bits_per_value(),
                     "secs": r.secs,
+                    "layers": layers,
                 })
             })
             .collect();
@@ -235,22 +304,71 @@ fn print_report(report: &qvl_runtime::kv_codec::KvQualityReport, model: &Path, j
         report.tokens, report.eval.block_tokens, report.eval.chunk_tokens
     );
     println!(
-        "{:<6} {:>11} {:>9} {:>10} {:>7} {:>12} {:>12} {:>10} {:>10}",
-        "kv", "perplexity", "change", "KL", "top-1", "KV held B", "f16 B", "quantized", "bits/q"
+        "{:<12} {:>11} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>9} {:>7}",
+        "kv",
+        "perplexity",
+        "change",
+        "KL",
+        "top-1",
+        "attn err",
+        "KV held B",
+        "f16 B",
+        "encoded",
+        "bits/v"
     );
     for r in &report.runs {
         let s = r.stats;
         println!(
-            "{:<6} {:>11.4} {:>+8.4}% {:>10.2e} {:>7.4} {:>12} {:>12} {:>9.1}% {:>10.2}",
-            r.kind.as_str(),
+            "{:<12} {:>11.4} {:>+8.4}% {:>9.2e} {:>7.4} {:>9.2e} {:>12} {:>12} {:>8.1}% {:>7.2}",
+            r.spec.to_string(),
             r.perplexity,
             100.0 * r.perplexity_rel_change,
             r.kl_mean,
             r.top1_agreement,
+            r.attn_rel_error(),
             s.held_bytes,
             s.f16_bytes,
             100.0 * s.quantized_fraction(),
-            s.quantized_bits_per_value()
+            s.encoded_bits_per_value()
         );
+    }
+    println!("per layer: bits per value / key error / value error / attention-output error");
+    for r in report.runs.iter().filter(|r| !r.layers.is_empty()) {
+        println!("{} ({})", r.spec, r.codec);
+        for (i, l) in r.layers.iter().enumerate() {
+            let choice = r
+                .auto_choices
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .map(|c| format!("  K {} V {}", c[0], c[1]))
+                .unwrap_or_default();
+            println!(
+                "  layer {i:>3} {:>6.2} bits  K {:.2e}  V {:.2e}  attn {:.2e}{choice}",
+                l.bits_per_value(),
+                l.key_rel_error(),
+                l.value_rel_error(),
+                l.attn_rel_error()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn critical_layers_and_budget_parse_with_clear_errors() {
+        assert_eq!(parse_critical_layers("0,-1"), Ok(vec![0, -1]));
+        assert_eq!(parse_critical_layers(" 0, 1 ,-2"), Ok(vec![0, 1, -2]));
+        assert_eq!(parse_critical_layers("none"), Ok(vec![]));
+        let e = parse_critical_layers("0,last").unwrap_err();
+        assert!(e.contains("`last`") && e.contains("not an integer"), "{e}");
+        assert_eq!(parse_error_budget("0.05"), Ok(0.05));
+        assert!(parse_error_budget("-0.1").unwrap_err().contains(">= 0"));
+        assert!(parse_error_budget("inf").unwrap_err().contains("finite"));
+        assert!(parse_error_budget("lots")
+            .unwrap_err()
+            .contains("not a number"));
     }
 }
