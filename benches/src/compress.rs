@@ -661,6 +661,9 @@ fn capture(source: String, cache: &qvl_model::kv::PagedKvCache) -> Result<Captur
     })
 }
 
+/// Builds a fresh storage for one repetition.
+type MakeStorage = Box<dyn Fn() -> Result<qvl_runtime::kv_codec::CodecKvStorage>>;
+
 /// One codec over one capture, through the runtime's `CodecKvStorage`
 /// (the path attention reads): bits per value, errors, GB/s.
 struct RealKvRow {
@@ -787,7 +790,7 @@ fn real_kv_section(
     );
     for cap in &captures {
         let l = cap.layout;
-        let mut labels: Vec<(String, Box<dyn Fn() -> Result<CodecKvStorage>>)> = vec![(
+        let mut labels: Vec<(String, MakeStorage)> = vec![(
             "f16".to_string(),
             Box::new(move || {
                 Ok(CodecKvStorage::with_plain_codec(
@@ -829,10 +832,7 @@ fn real_kv_section(
                 None
             };
             let smaller = r.bits_per_value <= 0.6 * 16.0;
-            let meets = match ppl {
-                Some(c) => Some(smaller && c.abs() < 0.01),
-                None => None,
-            };
+            let meets = ppl.map(|c| smaller && c.abs() < 0.01);
             println!(
                 "{:<52} {:<11} {:>6.2} {:>9.2e} {:>9.2e} {:>8.2} {:>8.2} {:>9}  {}",
                 cap.source,
