@@ -32,6 +32,11 @@ pub struct BenchOptions {
     pub repo_root: PathBuf,
 }
 
+/// The system allocator, except that the gc benchmark routes the model's
+/// large allocations into a pool while it measures (see `gc::route`).
+#[global_allocator]
+static GLOBAL: gc::route::ModelAllocRouter = gc::route::ModelAllocRouter;
+
 type PhaseFn = fn(&BenchOptions) -> Result<BenchReport>;
 
 /// Every phase: name, what it measures, its function (None until its issue lands).

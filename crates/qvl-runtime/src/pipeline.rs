@@ -898,16 +898,21 @@ impl Pipeline {
     /// The plain KV storage: pooled when the pool is on, else host f32.
     fn plain_storage(&self) -> (Box<dyn KvBlockStorage>, KvOwner) {
         match (&self.pool, self.is_on(Phase::Pool)) {
-            (Some(pool), true) => (
-                Box::new(PooledKvStorage::new(
+            (Some(pool), true) => {
+                let mut storage = PooledKvStorage::new(
                     self.layout,
                     Arc::clone(pool),
                     self.tracker
                         .clone()
                         .map(|t| t as Arc<dyn qvl_core::LifetimeTracker>),
-                )),
-                KvOwner::Pool,
-            ),
+                );
+                // With the collector running, a block that would grow the
+                // pool past its target first makes it collect.
+                if let Some(gc) = self.gc.as_ref().filter(|g| g.thread.is_some()) {
+                    storage = storage.with_pressure_hook(gc.collector.pressure_hook());
+                }
+                (Box::new(storage), KvOwner::Pool)
+            }
             _ => (Box::new(HostKvStorage::new(self.layout)), KvOwner::Host),
         }
     }
