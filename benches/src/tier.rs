@@ -27,9 +27,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Layers read ahead by the tiered runs.
-const PREFETCH_DEPTH: usize = 2;
-/// Rounds of each tiered and static measurement (best kept).
+/// Layers read ahead by the tiered runs: what `qvl run` uses.
+const PREFETCH_DEPTH: usize = weights_tier::RUN_PREFETCH_DEPTH;
+/// Rounds of the SmolLM2 tiered and static measurements (best kept).
 const ROUNDS: usize = 2;
 
 fn generated_config(quick: bool) -> DecoderConfig {
@@ -107,52 +107,70 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-struct Run {
+/// One measured decode under a placement.
+struct Sample {
     tokens_per_s: f64,
+    /// SSD bytes read per token (the prefill of 4 tokens counted as one).
     streamed_per_token: f64,
+    /// SSD bytes per second while reads ran, in this decode.
+    read_rate: f64,
     tokens: Vec<u32>,
-    layers: Arc<TieredLayers>,
-    decoder: TextDecoder,
 }
 
-fn tiered(
-    cfg: &DecoderConfig,
-    src: &SafetensorsFile,
-    names: &DecoderTensorNames,
+/// Sets the tier to `budget` and `depth` (0: static placement), lets
+/// placement settle over two warm-up tokens, then decodes `steps` tokens.
+fn measure(
+    decoder: &TextDecoder,
+    layers: &TieredLayers,
     budget: u64,
-    prefetch_depth: usize,
-    dir: &Path,
+    depth: usize,
     steps: usize,
-) -> Result<Run> {
-    let tier = TierConfig {
-        cpu_ram: ByteSize(budget),
-        prefetch_depth,
-        spill_dir: Some(dir.to_path_buf()),
-        ..TierConfig::default()
-    };
-    let (decoder, layers) = TieredLayers::load_decoder(cfg.clone(), src, names, tier)
-        .context("loading the tiered decoder")?;
-    // Warm-up: placement settles on the first tokens.
-    decode(&decoder, 2)?;
-    layers.manager().wait_idle();
-    let before = layers.stats().ssd_read_bytes;
-    let (tokens_per_s, tokens) = decode(&decoder, steps)?;
-    layers.manager().wait_idle();
-    // The prefill of 4 tokens also streams once: count it as a token.
-    let streamed = (layers.stats().ssd_read_bytes - before) as f64 / (steps + 1) as f64;
-    Ok(Run {
+) -> Result<Sample> {
+    let m = layers.manager();
+    m.reconfigure(ByteSize(budget), depth)
+        .context("reconfiguring the tier")?;
+    decode(decoder, 2)?;
+    m.wait_idle();
+    let before = layers.stats();
+    let (tokens_per_s, tokens) = decode(decoder, steps)?;
+    m.wait_idle();
+    let after = layers.stats();
+    let bytes = (after.ssd_read_bytes - before.ssd_read_bytes) as f64;
+    let nanos = (after.ssd_read_nanos - before.ssd_read_nanos) as f64;
+    Ok(Sample {
         tokens_per_s,
-        streamed_per_token: streamed,
+        streamed_per_token: bytes / (steps + 1) as f64,
+        read_rate: if nanos > 0.0 {
+            bytes / nanos * 1e9
+        } else {
+            0.0
+        },
         tokens,
-        layers,
-        decoder,
     })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The placements measured for each budget, one sample each per round.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Tiered,
+    Static,
+    AllInRam,
 }
 
 /// Runs the benchmark.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let quick = opts.quick;
-    let steps = 16;
+    let steps = if quick { 8 } else { 16 };
+    let rounds = if quick { 3 } else { 5 };
     let cfg = generated_config(quick);
     let names = DecoderTensorNames::hugging_face("model", "lm_head.weight");
     let dir = opts.out_dir.join("tier-data");
@@ -167,87 +185,129 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 
     let resident = TextDecoder::load(cfg.clone(), &src, &names)?;
     decode(&resident, 2)?; // page in the mapped weights
-    let (mut ram_tps, ram_tokens) = decode(&resident, steps)?;
-    for _ in 1..ROUNDS {
-        ram_tps = ram_tps.max(decode(&resident, steps)?.0);
-    }
     let weight_bytes = resident.weight_bytes_per_token();
-    drop(resident);
 
-    // Budgets are fractions of the layer images (what the tier holds).
-    let probe = tiered(&cfg, &src, &names, u64::MAX / 4, 1, &dir, 1)?;
-    let image_bytes = probe.layers.image_bytes();
-    drop(probe);
+    // One spill file for every budget and placement: the manager is
+    // reconfigured between runs, so tiered, static and all-in-RAM rounds
+    // interleave on the same data and the same disk blocks.
+    let tier = TierConfig {
+        cpu_ram: ByteSize(u64::MAX / 4),
+        prefetch_depth: PREFETCH_DEPTH,
+        spill_dir: Some(dir.to_path_buf()),
+        ..TierConfig::default()
+    };
+    let (decoder, layers) = TieredLayers::load_decoder(cfg.clone(), &src, &names, tier)
+        .context("loading the tiered decoder")?;
+    let image_bytes = layers.image_bytes();
+    let direct_io = layers.manager().direct_io();
 
     let mut rows = Vec::new();
     let mut criteria = Vec::new();
-    let mut quarter = None;
-    let mut static_quarter = None;
+    let mut ram_all = Vec::new();
     for (label, num, den) in [("1", 1, 1), ("1/2", 1, 2), ("1/4", 1, 4)] {
         let budget = image_bytes * num / den;
-        // Two rounds, alternating, best of each: the machine is shared and
-        // a single run is noisy. Depth 2 keeps the I/O queue non-empty
-        // across the reader's wake-ups.
-        let mut run = tiered(&cfg, &src, &names, budget, PREFETCH_DEPTH, &dir, steps)?;
-        let mut stat = tiered(&cfg, &src, &names, budget, 0, &dir, steps)?;
-        for _ in 1..ROUNDS {
-            let again = tiered(&cfg, &src, &names, budget, PREFETCH_DEPTH, &dir, steps)?;
-            if again.tokens_per_s > run.tokens_per_s {
-                run = again;
+        // With nothing to read a token takes milliseconds: more tokens and
+        // rounds keep scheduling noise out of the ratio.
+        let (steps, rounds) = if den == 1 {
+            (steps * 4, rounds + 2)
+        } else {
+            (steps, rounds)
+        };
+        let mut ram_tokens = None;
+        let mut tiered = Vec::new();
+        let mut stat = Vec::new();
+        let mut ram = Vec::new();
+        let mut probes = Vec::new();
+        let sides = [Side::Tiered, Side::Static, Side::AllInRam];
+        for round in 0..rounds {
+            // Each round starts with another side, so load drifts on the
+            // shared machine hit every side alike.
+            for k in 0..sides.len() {
+                match sides[(round + k) % sides.len()] {
+                    Side::Tiered => {
+                        tiered.push(measure(&decoder, &layers, budget, PREFETCH_DEPTH, steps)?)
+                    }
+                    Side::Static => stat.push(measure(&decoder, &layers, budget, 0, steps)?),
+                    Side::AllInRam => {
+                        let (tps, tokens) = decode(&resident, steps)?;
+                        ram.push(tps);
+                        ram_tokens.get_or_insert(tokens);
+                    }
+                }
             }
-            let again = tiered(&cfg, &src, &names, budget, 0, &dir, steps)?;
-            if again.tokens_per_s > stat.tokens_per_s {
-                stat = again;
+            if den > 1 {
+                probes.push(
+                    layers
+                        .manager()
+                        .measure_read_bandwidth()
+                        .context("measuring read bandwidth")?,
+                );
             }
         }
-        // The best of three passes: the bound must not be lowered by a
-        // noisy pass on a shared disk.
-        let mut bw = 0f64;
-        for _ in 0..3 {
-            bw = bw.max(
-                run.layers
-                    .manager()
-                    .measure_read_bandwidth()
-                    .context("measuring read bandwidth")?,
-            );
-        }
-        // The rate the stream's own reads ran at counts too (on a
-        // virtualized disk the probe alone can come out low): the higher
-        // rate gives the stricter bound.
-        let probe_bw = bw;
-        bw = bw.max(run.layers.stats().ssd_read_bandwidth());
-        let bound = if run.streamed_per_token > 0.0 {
-            bw / run.streamed_per_token
+        let want = ram_tokens.as_ref().context("an all-in-RAM round ran")?;
+        let same = tiered.iter().chain(&stat).all(|s| &s.tokens == want);
+        let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+        let tiered_tps = med(&tiered, |s| s.tokens_per_s);
+        let static_tps = med(&stat, |s| s.tokens_per_s);
+        let ram_tps = median(ram.clone());
+        // Each round measures the sides back to back: their ratio within a
+        // round sees one load level, so the median ratio is steadier than
+        // the ratio of medians on a shared machine.
+        let vs_static = median(
+            tiered
+                .iter()
+                .zip(&stat)
+                .map(|(t, s)| t.tokens_per_s / s.tokens_per_s)
+                .collect(),
+        );
+        let vs_ram = median(
+            tiered
+                .iter()
+                .zip(&ram)
+                .map(|(t, r)| t.tokens_per_s / r)
+                .collect(),
+        );
+        ram_all.extend(ram.iter().copied());
+        let streamed = med(&tiered, |s| s.streamed_per_token);
+        let static_streamed = med(&stat, |s| s.streamed_per_token);
+        // The bound: bytes streamed per token over the read bandwidth, the
+        // higher of the median probe (every object read once through the
+        // same read path) and the median rate of the stream's own reads.
+        let probe_bw = median(probes.clone());
+        let stream_bw = med(&tiered, |s| s.read_rate);
+        let bw = probe_bw.max(stream_bw);
+        let bound = if streamed > 0.0 {
+            bw / streamed
         } else {
             f64::INFINITY
         };
-        let same = run.tokens == ram_tokens && stat.tokens == ram_tokens;
-        let s = run.layers.stats();
         rows.push(json!({
             "budget": label,
             "budget_bytes": budget,
-            "tiered_tokens_per_s": run.tokens_per_s,
-            "static_tokens_per_s": stat.tokens_per_s,
+            "tiered_tokens_per_s": tiered_tps,
+            "static_tokens_per_s": static_tps,
+            "tiered_vs_static_median_round_ratio": vs_static,
+            "tiered_vs_all_in_ram_median_round_ratio": vs_ram,
             "all_in_ram_tokens_per_s": ram_tps,
-            "streamed_bytes_per_token": run.streamed_per_token,
-            "static_streamed_bytes_per_token": stat.streamed_per_token,
+            "tiered_samples": tiered.iter().map(|s| s.tokens_per_s).collect::<Vec<_>>(),
+            "static_samples": stat.iter().map(|s| s.tokens_per_s).collect::<Vec<_>>(),
+            "all_in_ram_samples": ram,
+            "streamed_bytes_per_token": streamed,
+            "static_streamed_bytes_per_token": static_streamed,
             "read_bandwidth_bytes_per_s": bw,
-            "probe_read_bandwidth_bytes_per_s": probe_bw,
+            "probe_read_bandwidth_bytes_per_s": probes,
+            "stream_read_bandwidth_bytes_per_s": stream_bw,
             "bound_tokens_per_s": bound,
             "tokens_equal_all_in_ram": same,
-            "ram_peak_bytes": s.tiers[1].peak,
-            "stats": s,
+            "decode_steps": steps,
+            "rounds": rounds,
+            "ram_peak_bytes_since_reconfigured": layers.stats().tiers[1].peak,
         }));
         println!(
-            "budget {label}: tiered {:.2} tok/s, static {:.2}, all-in-RAM {:.2}, bound {:.2} ({:.0} MB/token at {:.0} MB/s), peak RAM {:.0}/{:.0} MB",
-            run.tokens_per_s,
-            stat.tokens_per_s,
-            ram_tps,
-            bound,
-            run.streamed_per_token / 1e6,
+            "budget {label}: tiered {tiered_tps:.2} tok/s, static {static_tps:.2} (per round {vs_static:.2}x), all-in-RAM {ram_tps:.2} (per round {vs_ram:.2}x), bound {bound:.2} ({:.0} MB/token at {:.0} MB/s; static reads {:.0} MB/token), medians of {rounds}",
+            streamed / 1e6,
             bw / 1e6,
-            s.tiers[1].peak as f64 / 1e6,
-            budget as f64 / 1e6
+            static_streamed / 1e6,
         );
         criteria.push(Criterion::higher_is_better(
             format!("budget {label}: output equals all-in-RAM"),
@@ -256,51 +316,58 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             1.0,
             1.0,
         ));
-        if den == 4 {
-            quarter = Some((run, bound));
-            static_quarter = Some(stat.tokens_per_s);
-        } else if den == 1 {
+        if den == 1 {
             criteria.push(Criterion::higher_is_better(
-                "budget 1x: tiered vs all in RAM",
-                "tokens/s",
-                run.tokens_per_s,
-                ram_tps,
+                "budget 1x: tiered vs all in RAM (median of per-round ratios)",
+                "ratio",
+                vs_ram,
+                1.0,
                 0.9,
             ));
+            continue;
         }
+        if den == 4 {
+            criteria.push(Criterion::higher_is_better(
+                "budget 1/4: tiered vs SSD-bandwidth bound",
+                "tokens/s",
+                tiered_tps,
+                bound,
+                0.7,
+            ));
+        }
+        criteria.push(Criterion::higher_is_better(
+            format!("budget {label}: tiered vs static placement (median of per-round ratios)"),
+            "ratio",
+            vs_static,
+            1.0,
+            1.0,
+        ));
     }
-    let (run, bound) = quarter.context("the 1/4 budget ran")?;
-    let static_tps = static_quarter.context("the static run ran")?;
-    criteria.push(Criterion::higher_is_better(
-        "budget 1/4: tiered vs SSD-bandwidth bound",
-        "tokens/s",
-        run.tokens_per_s,
-        bound,
-        0.7,
-    ));
-    criteria.push(Criterion::higher_is_better(
-        "budget 1/4: tiered vs static placement",
-        "tokens/s",
-        run.tokens_per_s,
-        static_tps,
-        1.0,
-    ));
+    let ram_tps = median(ram_all);
+    drop(resident);
+    layers
+        .manager()
+        .reconfigure(ByteSize(image_bytes / 4), PREFETCH_DEPTH)?;
 
     // Long session: many short requests on the 1/4-budget decoder.
     let requests = if quick { 12 } else { 40 };
     let mut rss = Vec::new();
     let mut ram_used = Vec::new();
     for r in 0..requests {
-        decode(&run.decoder, 3)?;
-        run.layers.manager().wait_idle();
+        decode(&decoder, 3)?;
+        layers.manager().wait_idle();
+        if r == 1 {
+            // Placement settled after the budget change: the peak from here.
+            layers.manager().reset_peak();
+        }
         if r >= 2 {
             rss.push(rss_bytes());
-            ram_used.push(run.layers.stats().tiers[1].used);
+            ram_used.push(layers.stats().tiers[1].used);
         }
     }
     let first_rss = *rss.first().context("samples")? as f64;
     let max_rss = rss.iter().copied().max().unwrap_or(0) as f64;
-    let s = run.layers.stats();
+    let s = layers.stats();
     let budget = s.tiers[1].budget as f64;
     criteria.push(Criterion::lower_is_better(
         format!("long session ({requests} requests): max RSS vs RSS after warm-up"),
@@ -310,7 +377,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         0.97,
     ));
     criteria.push(Criterion::lower_is_better(
-        "long session: peak accounted RAM vs budget",
+        "long session: peak accounted RAM after warm-up vs budget",
         "bytes",
         s.tiers[1].peak as f64,
         budget,
@@ -336,6 +403,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             "file": path.display().to_string(),
         },
         "decode_steps": steps,
+        "rounds": rounds,
+        "prefetch_depth": PREFETCH_DEPTH,
+        "direct_io": direct_io,
         "all_in_ram_tokens_per_s": ram_tps,
         "budgets": rows,
         "smollm2": smollm2,
@@ -345,9 +415,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             "ram_used_bytes": ram_used,
             "final_stats": s,
         },
-        "notes": "static placement = same tier manager with prefetch_depth 0: the first layers that fit stay resident (hysteresis keeps them), the rest are read on demand every token. Reads are pread with posix_fadvise(DONTNEED) after each read, so the page cache does not serve them; the bandwidth bound is measured with the same reads in the same run.",
+        "notes": "One spill file; the same tier manager is reconfigured (RAM budget, prefetch depth) between runs. Static placement = prefetch_depth 0: the first layers that fit stay resident (hysteresis keeps them), the rest are read on demand every token. Tiered = prefetch_depth as qvl run uses it, the next layer's read queued before the reader waits (get_in_order). Reads are direct I/O (O_DIRECT) where the file system takes it, else pread with posix_fadvise(DONTNEED): the page cache never serves them. Tiered, static and all-in-RAM rounds interleave, the first side rotating per round; numbers are medians. The bound is the median tiered bytes per token over the higher of the median read probe (same read path, same run) and the stream's own read rate.",
     });
-    drop(run);
+    drop(decoder);
+    drop(layers);
     let _ = std::fs::remove_file(&path);
     Ok(report)
 }

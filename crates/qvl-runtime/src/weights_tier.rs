@@ -2,13 +2,16 @@
 //! `qvl-tier` and the model.
 //!
 //! [`TieredLayers::build`] copies every decoder layer's tensors, as the
-//! source serves them, into one image per layer on the tier manager's SSD
-//! tier (its spill file), then drops them from RAM. As a
-//! [`LayerProvider`], it gives the decoder layer `i` from the RAM copy, a
-//! prefetched buffer or a read from the SSD, and asks the manager to read
-//! the next non-resident layer ahead while layer `i` computes. The layers
-//! are rebuilt over the tier's bytes without copying the matrices, so a
-//! streamed forward pass computes exactly what the resident one does.
+//! source serves them, onto the tier manager's SSD tier (its spill file),
+//! one object per tensor, then drops them from RAM. As a
+//! [`LayerProvider`], it gives the decoder layer `i` with each tensor from
+//! its RAM copy, a prefetched buffer or a read from the SSD, reading
+//! ahead in tensor order while layer `i` computes. Tensors as the unit
+//! keep the read-ahead room small (a tensor, not a layer, beside the layer
+//! in use), so prefetch costs few kept bytes, and let kept copies fill the
+//! budget to the tensor. The layers are rebuilt over the tier's bytes
+//! without copying the matrices, so a streamed forward pass computes
+//! exactly what the resident one does.
 
 use crate::config::{self, Config, MigrationPolicy, TieringConfig};
 use qvl_core::{ByteSize, DType, MetricsRecorder, TensorKind, Tier};
@@ -25,7 +28,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Where a tensor sits inside its layer's image.
+/// Tier copies are whole pages: what a tensor of the layer takes in RAM.
+const PAGE: u64 = 4096;
+
+/// Where a tensor sits: which segment object of its layer, and where in it.
 #[derive(Debug, Clone)]
 struct TensorEntry {
     name: String,
@@ -33,29 +39,70 @@ struct TensorEntry {
     /// Set for quantized blocks (a GGUF file's own, or re-quantized).
     blocks: Option<BlockFormat>,
     shape: Vec<usize>,
+    part: usize,
     offset: usize,
     len: usize,
+}
+
+/// A layer on the tier: `parts` segment objects from `first` in the read order.
+#[derive(Debug, Clone)]
+struct LayerTable {
+    first: usize,
+    parts: usize,
+    tensors: Vec<TensorEntry>,
+}
+
+/// Segments per layer, about: each segment is one object on the tier, so
+/// the read-ahead room is a segment beside the layer in use. More would
+/// mean small reads, each paying the device's latency.
+const SEGMENTS_PER_LAYER: usize = 8;
+
+/// Tensors start on this boundary inside a segment.
+const TENSOR_ALIGN: usize = 64;
+
+/// Splits a layer's tensors (their sizes, in order) into runs of at least
+/// an eighth of the layer each; a short tail joins the run before it.
+fn segments(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let total: usize = sizes.iter().sum();
+    let least = (total / SEGMENTS_PER_LAYER).max(1);
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, &len) in sizes.iter().enumerate() {
+        bytes += len;
+        if bytes >= least {
+            out.push(start..i + 1);
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    if start < sizes.len() {
+        match out.last_mut() {
+            Some(last) => last.end = sizes.len(),
+            None => out.push(start..sizes.len()),
+        }
+    }
+    out
 }
 
 /// Decoder layers held by a [`TierManager`], served to the decoder on demand.
 pub struct TieredLayers {
     manager: TierManager,
+    /// Every tensor object, layer after layer: the order they are read in.
     order: Vec<ObjectId>,
-    tables: Vec<Vec<TensorEntry>>,
+    /// Per layer: its segment objects and tensors.
+    tables: Vec<LayerTable>,
+    /// RAM a layer's tensors take (whole pages each), the largest.
+    largest_layer: u64,
     config: DecoderConfig,
     names: DecoderTensorNames,
     weight_bytes: usize,
-    /// Layers built over kept RAM copies, reused while the copy stays
-    /// kept (keyed by the copy's address); dropped once it is demoted so
-    /// the cache never holds bytes the tier has let go.
+    /// Layers built over kept RAM copies, reused while every tensor stays
+    /// kept (keyed by the copies' addresses); dropped once one is demoted
+    /// so the cache never holds bytes the tier has let go.
     built: Mutex<Vec<Option<BuiltLayer>>>,
 }
 
-/// A layer built over a kept copy, with the copy's address.
-type BuiltLayer = (usize, Arc<DecoderLayer>);
-
-/// Tensor images start on this boundary inside a layer image.
-const TENSOR_ALIGN: usize = 64;
+/// A layer built over kept copies, with the copies' addresses.
+type BuiltLayer = (Vec<usize>, Arc<DecoderLayer>);
 
 impl TieredLayers {
     /// Moves the layers of `config` from `src` onto a new tier manager.
@@ -80,12 +127,13 @@ impl TieredLayers {
         after_layer: &mut dyn FnMut(usize) -> qvl_model::Result<()>,
     ) -> qvl_model::Result<TieredLayers> {
         let manager = TierManager::with_recorder(tier, recorder).map_err(tier_error)?;
-        let mut order = Vec::with_capacity(config.num_layers);
+        let mut order = Vec::new();
         let mut tables = Vec::with_capacity(config.num_layers);
         let mut weight_bytes = 0;
+        let mut largest_layer = 0u64;
         for index in 0..config.num_layers {
-            let mut image = Vec::new();
-            let mut table = Vec::new();
+            let mut tensors = HashMap::new();
+            let mut loaded = Vec::new();
             for name in DecoderLayer::tensor_names(config, names, index) {
                 let t = src
                     .tensor(&name)?
@@ -93,41 +141,58 @@ impl TieredLayers {
                         name: name.clone(),
                         source_desc: src.describe(),
                     })?;
-                image.resize(image.len().next_multiple_of(TENSOR_ALIGN), 0);
-                table.push(TensorEntry {
-                    name,
-                    dtype: t.dtype,
-                    blocks: t.block_format(),
-                    shape: t.shape.clone(),
-                    offset: image.len(),
-                    len: t.bytes.len(),
-                });
-                image.extend_from_slice(t.bytes.as_slice());
+                loaded.push(t);
+            }
+            let first = order.len();
+            let sizes: Vec<usize> = loaded.iter().map(|t| t.bytes.len()).collect();
+            let mut table = Vec::with_capacity(loaded.len());
+            let mut layer_bytes = 0u64;
+            for (part, range) in segments(&sizes).into_iter().enumerate() {
+                let mut image = Vec::new();
+                for t in &loaded[range] {
+                    image.resize(image.len().next_multiple_of(TENSOR_ALIGN), 0);
+                    table.push(TensorEntry {
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        blocks: t.block_format(),
+                        shape: t.shape.clone(),
+                        part,
+                        offset: image.len(),
+                        len: t.bytes.len(),
+                    });
+                    image.extend_from_slice(t.bytes.as_slice());
+                }
+                order.push(
+                    manager
+                        .insert(TensorKind::Weight, &image)
+                        .map_err(tier_error)?,
+                );
+                layer_bytes += (image.len().max(1) as u64).next_multiple_of(PAGE);
+            }
+            for t in loaded {
+                tensors.insert(t.name.clone(), t);
             }
             // Validates shapes now, not on the first token.
-            let image = Arc::new(image);
-            let layer = DecoderLayer::load(
-                config,
-                &LayerImage::over(&table, image.clone())?,
-                names,
-                index,
-            )?;
+            let layer = DecoderLayer::load(config, &LayerImage { tensors }, names, index)?;
             weight_bytes += layer.weight_bytes();
             drop(layer);
-            order.push(
-                manager
-                    .insert(TensorKind::Weight, &image)
-                    .map_err(tier_error)?,
-            );
-            drop(image);
-            tables.push(table);
+            largest_layer = largest_layer.max(layer_bytes);
+            let parts = order.len() - first;
+            tables.push(LayerTable {
+                first,
+                parts,
+                tensors: table,
+            });
             after_layer(index)?;
         }
+        // A reader holds one layer's tensors at once.
+        manager.set_stream_hold(ByteSize(largest_layer));
         manager.flush().map_err(tier_error)?;
         Ok(TieredLayers {
             manager,
             order,
             tables,
+            largest_layer,
             config: config.clone(),
             names: names.clone(),
             weight_bytes,
@@ -169,64 +234,71 @@ impl TieredLayers {
         self.manager.stats().object_bytes
     }
 
-    /// Bytes of the largest layer image (the least a RAM budget must hold).
+    /// RAM the largest layer's tensors take (the least a RAM budget must hold).
     pub fn largest_image_bytes(&self) -> u64 {
-        self.tables
-            .iter()
-            .filter_map(|t| t.iter().map(|e| e.offset + e.len).max())
-            .max()
-            .unwrap_or(0) as u64
+        self.largest_layer
     }
 
     /// Number of layers.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.tables.len()
     }
 
     /// Whether there is no layer.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.tables.is_empty()
     }
 }
 
 impl LayerProvider for TieredLayers {
     fn layer(&self, index: usize) -> qvl_model::Result<Arc<DecoderLayer>> {
-        let (Some(&id), Some(table)) = (self.order.get(index), self.tables.get(index)) else {
+        let Some(table) = self.tables.get(index) else {
             return Err(ModelError::InvalidInput(format!(
                 "layer {index} asked of a tier with {} layers",
-                self.order.len()
+                self.tables.len()
             )));
         };
-        let bytes = self.manager.get(id).map_err(tier_error)?;
-        self.manager
-            .prefetch_after(&self.order, index)
-            .map_err(tier_error)?;
-        let key = Arc::as_ptr(&bytes) as *const u8 as usize;
-        let kept = self.manager.is_resident(id).map_err(tier_error)?;
+        let ids = &self.order[table.first..table.first + table.parts];
+        // The decoder let go of the previous layer: its buffers take the
+        // reads ahead before this layer's segments are waited for.
+        let mut parts = Vec::with_capacity(table.parts);
+        for k in 0..table.parts {
+            parts.push(
+                self.manager
+                    .get_in_order(&self.order, table.first + k)
+                    .map_err(tier_error)?,
+            );
+        }
+        let keys: Vec<usize> = parts
+            .iter()
+            .map(|b| Arc::as_ptr(b) as *const u8 as usize)
+            .collect();
+        let kept = self.manager.all_resident(ids).map_err(tier_error)?;
         // The cache holds no tensor of its own: poison cannot leave it invalid.
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         if index == 0 {
-            for (slot, &other) in built.iter_mut().zip(&self.order) {
-                if slot.is_some() && !self.manager.is_resident(other).map_err(tier_error)? {
+            for (slot, t) in built.iter_mut().zip(&self.tables) {
+                let others = &self.order[t.first..t.first + t.parts];
+                if slot.is_some() && !self.manager.all_resident(others).map_err(tier_error)? {
                     *slot = None;
                 }
             }
         }
         if kept {
             if let Some((k, layer)) = &built[index] {
-                if *k == key {
+                if *k == keys {
                     return Ok(layer.clone());
                 }
             }
         }
-        let image = LayerImage::over(table, Arc::new(TierBytes(bytes)))?;
+        let image = LayerImage::over(&table.tensors, &parts)?;
         let layer = Arc::new(DecoderLayer::load(
             &self.config,
             &image,
             &self.names,
             index,
         )?);
-        built[index] = kept.then(|| (key, layer.clone()));
+        built[index] = kept.then(|| (keys, layer.clone()));
         Ok(layer)
     }
 }
@@ -246,16 +318,29 @@ struct LayerImage {
 }
 
 impl LayerImage {
-    fn over(table: &[TensorEntry], owner: Arc<dyn ByteOwner>) -> qvl_model::Result<LayerImage> {
+    /// The tensors of `table` over the tier copies of their segments.
+    fn over(table: &[TensorEntry], parts: &[Arc<Resident>]) -> qvl_model::Result<LayerImage> {
+        let owners: Vec<Arc<dyn ByteOwner>> = parts
+            .iter()
+            .map(|p| Arc::new(TierBytes(p.clone())) as Arc<dyn ByteOwner>)
+            .collect();
         let mut tensors = HashMap::with_capacity(table.len());
         for e in table {
+            let owner = owners.get(e.part).ok_or_else(|| {
+                ModelError::InvalidInput(format!(
+                    "tensor {:?} is in segment {} of a layer of {}",
+                    e.name,
+                    e.part,
+                    owners.len()
+                ))
+            })?;
+            let have = owner.bytes().len();
             let bytes = Bytes::new(owner.clone(), e.offset, e.len).ok_or_else(|| {
                 ModelError::InvalidInput(format!(
-                    "tensor {:?} at {}..{} runs past its layer image of {} bytes",
+                    "tensor {:?} at {}..{} runs past its segment of {have} bytes",
                     e.name,
                     e.offset,
-                    e.offset + e.len,
-                    owner.bytes().len()
+                    e.offset + e.len
                 ))
             })?;
             let t = match e.blocks {
@@ -300,9 +385,13 @@ pub struct WeightBudgets {
     pub gpu: Option<ByteSize>,
 }
 
-/// Layers read ahead under a budget: two keep the read queue busy while
-/// the reader wakes up (what the tier benchmark measured best).
-pub const RUN_PREFETCH_DEPTH: usize = 2;
+/// Layers read ahead under a budget. One is enough to keep the read
+/// queue busy: the reader asks for a layer through
+/// [`TierManager::get_in_order`], which queues the next read into the
+/// buffer the reader just let go before it waits, so two streaming buffers
+/// keep the disk busy; each buffer more would cost a kept layer (bytes
+/// read every token).
+pub const RUN_PREFETCH_DEPTH: usize = 1;
 
 /// The `[tiering]` section as a [`TierConfig`]: `migration_threshold` and
 /// `migration_policy` map one to one, the rest keeps the manager's defaults

@@ -36,12 +36,20 @@ pub struct TierConfig {
     pub policy: PlacementPolicy,
     /// Accesses after which an unused object's score halves.
     pub half_life_accesses: u32,
-    /// Objects read ahead of the reader (layer-ahead prefetch depth).
+    /// Read-ahead room, in largest objects, the RAM budget reserves for an
+    /// ordered stream beside what its reader holds; reads ahead go as far
+    /// as the room allows (0: no prefetch, every miss read on demand).
     pub prefetch_depth: usize,
     /// Drop the page cache for SSD ranges after writing and reading them
     /// (posix_fadvise DONTNEED), so the OS cache does not act as a hidden,
     /// unbudgeted RAM tier and SSD reads really come from the device.
     pub drop_page_cache: bool,
+    /// Read the SSD tier with direct I/O (`O_DIRECT`) where the file
+    /// system takes it: the device fills the page-aligned buffer itself,
+    /// sparing the CPU the page-cache copy (the compute of a streamed
+    /// layer then overlaps its neighbour's read), and the page cache
+    /// cannot serve reads from unbudgeted RAM.
+    pub direct_io: bool,
     /// Directory of the spill file (the SSD tier); the system temp dir when None.
     pub spill_dir: Option<PathBuf>,
 }
@@ -57,6 +65,7 @@ impl Default for TierConfig {
             half_life_accesses: 256,
             prefetch_depth: 1,
             drop_page_cache: true,
+            direct_io: true,
             spill_dir: None,
         }
     }

@@ -19,6 +19,9 @@ pub enum TierError {
         #[source]
         source: std::io::Error,
     },
+    /// A RAM buffer for a read could not be allocated.
+    #[error("cannot allocate a {0}-byte read buffer")]
+    OutOfMemory(u64),
     /// An object id this manager never handed out, or one removed already.
     #[error("unknown tier object {0}")]
     UnknownObject(u64),

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod buffer;
 mod config;
 mod error;
 mod manager;

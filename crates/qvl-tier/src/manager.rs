@@ -2,6 +2,7 @@
 //! RAM placed by hotness, a background I/O thread for promotions and
 //! prefetches, and counters.
 
+use crate::buffer::{AlignedBuf, IO_ALIGN};
 use crate::config::TierConfig;
 use crate::error::{Result, TierError};
 use crate::placement::{plan, AccessStats, Candidate};
@@ -10,7 +11,7 @@ use crate::stats::{Counters, TierStats, TierUsage};
 use qvl_core::{MetricEvent, MetricsRecorder, TensorKind, Tier};
 use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -27,42 +28,46 @@ pub(crate) struct Usage {
     peak: AtomicU64,
     /// Freed read buffers kept for the next read (still charged): reusing
     /// them spares the page faults and zeroing of a fresh allocation.
-    pool: Mutex<Vec<Vec<u8>>>,
+    pool: Mutex<Vec<AlignedBuf>>,
     pooled: AtomicU64,
     pool_cap: AtomicU64,
-    /// Bytes of prefetches asked for and not yet read (their buffers are
-    /// not charged yet, but the budget must count them).
-    inflight: AtomicU64,
 }
 
 impl Usage {
-    /// A buffer of `len` bytes, charged: a pooled one when one is large
-    /// enough (already charged), else a new one (pooled ones that are too
-    /// small are freed first, so the charge stays within what was asked).
-    fn buffer(&self, len: usize) -> (Vec<u8>, u64) {
+    /// A page-aligned buffer for `len` bytes, charged: a pooled one of
+    /// exactly its page count (already charged, its pages faulted in), else
+    /// a new one, pooled buffers freed first (largest first) while the
+    /// charge would pass `budget`. With `refuse`, None instead of a charge
+    /// past `budget` (a read ahead waits for room; a reader does not).
+    fn take(&self, len: usize, budget: u64, refuse: bool) -> Result<Option<(AlignedBuf, u64)>> {
+        let need = ram_bytes(len as u64);
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = pool.iter().position(|b| b.capacity() >= len) {
+        if let Some(i) = pool.iter().position(|b| b.capacity() as u64 == need) {
             let mut buf = pool.swap_remove(i);
-            let charged = buf.capacity() as u64;
-            self.pooled.fetch_sub(charged, Ordering::AcqRel);
-            // Only a grown part is zeroed; the read overwrites all of it.
-            buf.resize(len, 0);
-            return (buf, charged);
+            self.pooled.fetch_sub(need, Ordering::AcqRel);
+            // The read overwrites the contents.
+            buf.set_len(len);
+            return Ok(Some((buf, need)));
         }
-        for b in pool.drain(..) {
+        if refuse && self.used() - self.pooled() + need > budget {
+            return Ok(None);
+        }
+        pool.sort_by_key(|b| b.capacity());
+        while self.used() + need > budget {
+            let Some(b) = pool.pop() else { break };
             let cap = b.capacity() as u64;
             self.pooled.fetch_sub(cap, Ordering::AcqRel);
             self.used.fetch_sub(cap, Ordering::AcqRel);
         }
         drop(pool);
-        let buf = vec![0u8; len];
+        let buf = AlignedBuf::zeroed(len).ok_or(TierError::OutOfMemory(need))?;
         let charged = buf.capacity() as u64;
         self.charge(charged);
-        (buf, charged)
+        Ok(Some((buf, charged)))
     }
 
     /// Takes back a buffer: pooled when there is room, else freed.
-    fn give_back(&self, buf: Vec<u8>, charged: u64) {
+    fn give_back(&self, buf: AlignedBuf, charged: u64) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if self.pooled.load(Ordering::Acquire) + charged <= self.pool_cap.load(Ordering::Acquire) {
             self.pooled.fetch_add(charged, Ordering::AcqRel);
@@ -84,7 +89,7 @@ impl Usage {
         }
     }
 
-    /// Charged bytes a new read can reuse.
+    /// Charged bytes of pooled buffers.
     fn pooled(&self) -> u64 {
         self.pooled.load(Ordering::Acquire)
     }
@@ -107,7 +112,8 @@ impl Usage {
 /// last reader lets go.
 pub struct Resident {
     id: ObjectId,
-    data: Vec<u8>,
+    /// None only while being dropped (handed back to the pool).
+    data: Option<AlignedBuf>,
     charged: u64,
     usage: Arc<Usage>,
 }
@@ -122,26 +128,27 @@ impl Resident {
 impl Deref for Resident {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.data
+        self.data.as_deref().unwrap_or(&[])
     }
 }
 
 impl AsRef<[u8]> for Resident {
     fn as_ref(&self) -> &[u8] {
-        &self.data
+        self
     }
 }
 
 impl Drop for Resident {
     fn drop(&mut self) {
-        self.usage
-            .give_back(std::mem::take(&mut self.data), self.charged);
+        if let Some(buf) = self.data.take() {
+            self.usage.give_back(buf, self.charged);
+        }
     }
 }
 
 impl std::fmt::Debug for Resident {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Resident({:?}, {} bytes)", self.id, self.data.len())
+        write!(f, "Resident({:?}, {} bytes)", self.id, self.len())
     }
 }
 
@@ -169,7 +176,12 @@ struct State {
 }
 
 struct Shared {
+    /// The config as created; `cpu_ram` and `prefetch_depth` are read from
+    /// the two fields below, which [`TierManager::reconfigure`] changes.
     config: TierConfig,
+    ram_budget: AtomicU64,
+    prefetch_depth: AtomicUsize,
+    stream_hold: AtomicU64,
     spill: SpillFile,
     ram: Arc<Usage>,
     state: Mutex<State>,
@@ -179,10 +191,23 @@ struct Shared {
     started: Instant,
 }
 
+/// What a prefetch request found.
+#[derive(Debug)]
+enum Prefetch {
+    /// A read was claimed, with its (charged) buffer.
+    Started(Resident),
+    /// Kept in RAM: nothing to read.
+    Resident,
+    /// Prefetched or being read already.
+    Underway,
+    /// The RAM budget has no room for it now.
+    NoRoom,
+}
+
 enum Job {
     Promote(u64),
-    /// The object and the bytes counted in flight for it.
-    Prefetch(u64, u64),
+    /// The object and the charged buffer to read it into.
+    Prefetch(u64, Resident),
 }
 
 /// Places objects (weights per layer or tensor, KV blocks, vision
@@ -192,7 +217,7 @@ enum Job {
 pub struct TierManager {
     shared: Arc<Shared>,
     jobs: Option<Sender<Job>>,
-    io_thread: Option<JoinHandle<()>>,
+    io_threads: Vec<JoinHandle<()>>,
 }
 
 impl TierManager {
@@ -208,8 +233,14 @@ impl TierManager {
     ) -> Result<TierManager> {
         config.validate()?;
         let dir = config.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let spill = SpillFile::create(&dir, config.drop_page_cache)?;
+        let mut spill = SpillFile::create(&dir, config.drop_page_cache)?;
+        if config.direct_io {
+            spill.use_direct_io();
+        }
         let shared = Arc::new(Shared {
+            ram_budget: AtomicU64::new(config.cpu_ram.bytes()),
+            prefetch_depth: AtomicUsize::new(config.prefetch_depth),
+            stream_hold: AtomicU64::new(0),
             config,
             spill,
             ram: Arc::new(Usage::default()),
@@ -228,21 +259,63 @@ impl TierManager {
             started: Instant::now(),
         });
         let (tx, rx) = channel();
-        let worker = shared.clone();
-        let io_thread = std::thread::Builder::new()
-            .name("qvl-tier-io".to_string())
-            .spawn(move || io_loop(&worker, &rx))
-            .map_err(|e| TierError::Stopped(format!("cannot start the I/O thread: {e}")))?;
+        let rx = Arc::new(Mutex::new(rx));
+        let mut io_threads = Vec::with_capacity(IO_THREADS);
+        for i in 0..IO_THREADS {
+            let (worker, rx) = (shared.clone(), rx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("qvl-tier-io{i}"))
+                .spawn(move || io_loop(&worker, &rx))
+                .map_err(|e| TierError::Stopped(format!("cannot start an I/O thread: {e}")))?;
+            io_threads.push(thread);
+        }
         Ok(TierManager {
             shared,
             jobs: Some(tx),
-            io_thread: Some(io_thread),
+            io_threads,
         })
     }
 
-    /// The config.
-    pub fn config(&self) -> &TierConfig {
-        &self.shared.config
+    /// The config, with the RAM budget and prefetch depth in force now.
+    pub fn config(&self) -> TierConfig {
+        TierConfig {
+            cpu_ram: qvl_core::ByteSize(self.shared.budget()),
+            prefetch_depth: self.shared.depth(),
+            ..self.shared.config.clone()
+        }
+    }
+
+    /// Whether SSD reads go through direct I/O (asked for by
+    /// `TierConfig::direct_io` and taken by the file system).
+    pub fn direct_io(&self) -> bool {
+        self.shared.spill.direct_io()
+    }
+
+    /// Changes the RAM budget and the prefetch depth, then replans: kept
+    /// copies over the new budget are demoted at once (readers keep theirs),
+    /// and pooled read buffers are freed. A session can shrink or grow its
+    /// weights' RAM as other work needs memory, without a new spill file.
+    pub fn reconfigure(&self, cpu_ram: qvl_core::ByteSize, prefetch_depth: usize) -> Result<()> {
+        TierConfig {
+            cpu_ram,
+            prefetch_depth,
+            ..self.shared.config.clone()
+        }
+        .validate()?;
+        let st = self.shared.lock();
+        self.shared
+            .ram_budget
+            .store(cpu_ram.bytes(), Ordering::Release);
+        self.shared
+            .prefetch_depth
+            .store(prefetch_depth, Ordering::Release);
+        self.shared
+            .ram
+            .pool_cap
+            .store(self.shared.stream_reserve(&st), Ordering::Release);
+        self.shared.ram.clear_pool();
+        self.reset_peak();
+        self.rebalance_locked(st)
     }
 
     /// Whether a GPU tier is usable: false in this build (no CUDA); a GPU
@@ -266,13 +339,13 @@ impl TierManager {
         let mut st = self.shared.lock();
         let id = st.next_id;
         st.next_id += 1;
-        st.total_bytes += len;
-        st.largest = st.largest.max(len);
+        st.total_bytes += ram_bytes(len);
+        st.largest = st.largest.max(ram_bytes(len));
         // Room to recycle the streaming buffers the budget reserves.
-        self.shared.ram.pool_cap.store(
-            st.largest * (self.shared.config.prefetch_depth as u64 + 1),
-            Ordering::Release,
-        );
+        self.shared
+            .ram
+            .pool_cap
+            .store(self.shared.stream_reserve(&st), Ordering::Release);
         st.objects.insert(
             id,
             Object {
@@ -294,9 +367,9 @@ impl TierManager {
             .objects
             .remove(&id.0)
             .ok_or(TierError::UnknownObject(id.0))?;
-        st.total_bytes -= obj.extent.len;
+        st.total_bytes -= ram_bytes(obj.extent.len);
         if obj.ram.is_some() {
-            st.resident_bytes -= obj.extent.len;
+            st.resident_bytes -= ram_bytes(obj.extent.len);
         }
         let emptied = st.objects.is_empty();
         if emptied {
@@ -325,7 +398,7 @@ impl TierManager {
         st.tick += 1;
         st.since_rebalance += 1;
         let now = st.tick;
-        let (policy, half_life) = (sh.config.policy, sh.config.half_life_accesses);
+        let (policy, half_life) = (sh.config.policy, sh.half_life(&st));
         let obj = st
             .objects
             .get_mut(&id.0)
@@ -370,7 +443,7 @@ impl TierManager {
         obj.loading = true;
         let extent = obj.extent;
         drop(st);
-        let read = sh.read(id.0, extent, 0);
+        let read = sh.read_new(id.0, extent);
         let mut st = sh.lock();
         if let Some(obj) = st.objects.get_mut(&id.0) {
             obj.loading = false;
@@ -388,52 +461,98 @@ impl TierManager {
     /// in RAM, prefetched or being read already, or the RAM budget has no
     /// room for it. Returns whether a read was started.
     pub fn prefetch(&self, id: ObjectId) -> Result<bool> {
-        let sh = &self.shared;
-        let mut st = sh.lock();
-        let obj = st
-            .objects
-            .get_mut(&id.0)
-            .ok_or(TierError::UnknownObject(id.0))?;
-        if obj.ram.is_some() || obj.staged.is_some() || obj.loading {
-            return Ok(false);
-        }
-        let len = obj.extent.len;
-        let inflight = sh.ram.inflight.load(Ordering::Acquire);
-        let reusable = sh.ram.pooled().saturating_sub(inflight).min(len);
-        if sh.ram.used() + inflight + len - reusable > sh.config.cpu_ram.bytes() {
-            sh.counters.prefetch_skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
-        }
-        obj.loading = true;
-        sh.ram.inflight.fetch_add(len, Ordering::AcqRel);
+        let mut st = self.shared.lock();
+        let claimed = self.shared.claim_prefetch(&mut st, id.0)?;
         drop(st);
-        sh.counters.prefetch_issued.fetch_add(1, Ordering::Relaxed);
-        self.send(Job::Prefetch(id.0, len))?;
-        Ok(true)
+        match claimed {
+            Prefetch::Started(buf) => {
+                self.send(Job::Prefetch(id.0, buf))?;
+                Ok(true)
+            }
+            Prefetch::Resident | Prefetch::Underway | Prefetch::NoRoom => Ok(false),
+        }
     }
 
-    /// Layer-ahead prefetch over a stream read in `order` (weights layer by
-    /// layer, wrapping to the start for the next token): after position
-    /// `at` was read, starts reading the next `prefetch_depth` objects that
-    /// are not in RAM.
+    /// Read-ahead over a stream read in `order` (weights tensor by tensor
+    /// or layer by layer, wrapping to the start for the next token): after
+    /// position `at`, starts reading the next objects not in RAM, in order,
+    /// as far as the RAM budget has room (the streaming reserve is the
+    /// reader's `stream_hold` plus `prefetch_depth` largest objects), and
+    /// stops at the first that does not fit, so reads land in the order
+    /// they are needed. Nothing with `prefetch_depth` 0.
     pub fn prefetch_after(&self, order: &[ObjectId], at: usize) -> Result<()> {
-        let depth = self.shared.config.prefetch_depth;
-        if depth == 0 || order.is_empty() {
+        self.read_ahead(order, at + 1, order.len().saturating_sub(1))
+    }
+
+    /// Starts reads of up to `count` objects of `order` from position
+    /// `from` on (wrapping), in order, until one has no room.
+    fn read_ahead(&self, order: &[ObjectId], from: usize, count: usize) -> Result<()> {
+        if self.shared.depth() == 0 || order.is_empty() {
             return Ok(());
         }
-        let mut found = 0;
-        for step in 1..order.len() {
-            let id = order[(at + step) % order.len()];
-            if self.is_resident(id)? {
-                continue;
+        let mut jobs = Vec::new();
+        {
+            let mut st = self.shared.lock();
+            if st.resident_bytes >= st.total_bytes {
+                return Ok(()); // everything is kept: nothing to read
             }
-            self.prefetch(id)?;
-            found += 1;
-            if found == depth {
-                break;
+            for step in 0..count {
+                let id = order[(from + step) % order.len()];
+                match self.shared.claim_prefetch(&mut st, id.0)? {
+                    Prefetch::Started(buf) => jobs.push(Job::Prefetch(id.0, buf)),
+                    Prefetch::NoRoom => break,
+                    Prefetch::Resident | Prefetch::Underway => {}
+                }
             }
         }
+        for job in jobs {
+            self.send(job)?;
+        }
         Ok(())
+    }
+
+    /// Sets the RAM a reader of an ordered stream holds at once (a decoder
+    /// layer made of several objects): the streaming reserve is this plus
+    /// `prefetch_depth` largest objects. 0 means the largest object.
+    pub fn set_stream_hold(&self, hold: qvl_core::ByteSize) {
+        let st = self.shared.lock();
+        self.shared
+            .stream_hold
+            .store(hold.bytes(), Ordering::Release);
+        self.shared
+            .ram
+            .pool_cap
+            .store(self.shared.stream_reserve(&st), Ordering::Release);
+    }
+
+    /// Forgets the RAM tier's peak: from now on it is the peak since this
+    /// call (after a change of budget, say).
+    pub fn reset_peak(&self) {
+        self.shared
+            .ram
+            .peak
+            .store(self.shared.ram.used(), Ordering::Release);
+    }
+
+    /// The bytes of `order[at]` for a reader that walks `order` cyclically
+    /// (decoder weights, token after token) and holds at most `stream_hold`
+    /// bytes of it (the objects of its current layer). With prefetch on, it
+    /// first starts the reads of `order[at]` (unless one is underway) and
+    /// of the objects after it, as far as the room allows
+    /// ([`TierManager::prefetch_after`]): buffers the reader just let go
+    /// take them, so the I/O thread has its next read queued before it
+    /// finishes the current one and never waits for the reader to wake
+    /// up. Then it [`TierManager::get`]s `order[at]`.
+    pub fn get_in_order(&self, order: &[ObjectId], at: usize) -> Result<Arc<Resident>> {
+        let id = *order.get(at).ok_or_else(|| {
+            TierError::Config(format!(
+                "position {at} asked of an order of {} objects",
+                order.len()
+            ))
+        })?;
+        // From `at` itself: a later object never takes the room it needs.
+        self.read_ahead(order, at, order.len())?;
+        self.get(id)
     }
 
     /// What `id` holds.
@@ -443,6 +562,21 @@ impl TierManager {
             .get(&id.0)
             .map(|o| o.kind)
             .ok_or(TierError::UnknownObject(id.0))
+    }
+
+    /// Whether the manager keeps a RAM copy of every one of `ids` now.
+    pub fn all_resident(&self, ids: &[ObjectId]) -> Result<bool> {
+        let st = self.shared.lock();
+        for id in ids {
+            let obj = st
+                .objects
+                .get(&id.0)
+                .ok_or(TierError::UnknownObject(id.0))?;
+            if obj.ram.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Whether the manager keeps a RAM copy of `id` now.
@@ -474,14 +608,14 @@ impl TierManager {
         let sh = &self.shared;
         st.since_rebalance = 0;
         let now = st.tick;
-        let (policy, half_life) = (sh.config.policy, sh.config.half_life_accesses);
+        let (policy, half_life) = (sh.config.policy, sh.half_life(&st));
         let candidates: Vec<Candidate> = st
             .objects
             .iter()
             .filter(|(_, o)| !o.loading || o.ram.is_some())
             .map(|(&id, o)| Candidate {
                 id,
-                bytes: o.extent.len,
+                bytes: ram_bytes(o.extent.len),
                 score: o.access.score_at(now, policy, half_life),
                 resident: o.ram.is_some(),
             })
@@ -491,7 +625,7 @@ impl TierManager {
         for id in &p.demote {
             if let Some(o) = st.objects.get_mut(id) {
                 if o.ram.take().is_some() {
-                    let bytes = o.extent.len;
+                    let bytes = ram_bytes(o.extent.len);
                     st.resident_bytes -= bytes;
                     sh.counters.demotions.fetch_add(1, Ordering::Relaxed);
                     sh.record(MetricEvent::Migration {
@@ -533,13 +667,12 @@ impl TierManager {
             e
         };
         let largest = extents.iter().map(|e| e.len).max().unwrap_or(0);
-        let mut buf = vec![0u8; usize::try_from(largest).unwrap_or(usize::MAX)];
+        let mut buf = AlignedBuf::zeroed(usize::try_from(largest).unwrap_or(usize::MAX))
+            .ok_or(TierError::OutOfMemory(largest))?;
         let start = Instant::now();
         let mut bytes = 0u64;
         for e in extents {
-            // Lengths fit in usize: they came from in-memory slices.
-            let out = &mut buf[..e.len as usize];
-            self.shared.spill.read_into(e, out)?;
+            self.shared.spill.read_into_buf(e, &mut buf)?;
             bytes += e.len;
         }
         Ok(bytes as f64 / start.elapsed().as_secs_f64().max(1e-9))
@@ -576,7 +709,7 @@ impl TierManager {
                 },
                 TierUsage {
                     tier: Tier::HostRam,
-                    budget: sh.config.cpu_ram.bytes(),
+                    budget: sh.budget(),
                     used: sh.ram.used(),
                     peak: sh.ram.peak(),
                     objects: ram_objects,
@@ -623,13 +756,66 @@ impl Drop for TierManager {
     fn drop(&mut self) {
         // Closing the channel ends the I/O loop.
         self.jobs = None;
-        if let Some(t) = self.io_thread.take() {
+        for t in self.io_threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
 impl Shared {
+    fn budget(&self) -> u64 {
+        self.ram_budget.load(Ordering::Acquire)
+    }
+
+    /// The half-life of scores in accesses: the configured one, and at
+    /// least four sweeps over every object, so that objects read once per
+    /// sweep (weights, token after token) score alike wherever they sit in
+    /// the sweep and placement does not churn between them.
+    fn half_life(&self, st: &State) -> u32 {
+        let sweeps = u32::try_from(st.objects.len().saturating_mul(4)).unwrap_or(u32::MAX);
+        self.config.half_life_accesses.max(sweeps)
+    }
+
+    /// Marks `id` as being read ahead when it is not in RAM or underway and
+    /// the RAM budget has room for its buffer (counted in flight until the
+    /// I/O thread charges the buffer); the caller sends the job.
+    fn claim_prefetch(&self, st: &mut State, id: u64) -> Result<Prefetch> {
+        let obj = st
+            .objects
+            .get_mut(&id)
+            .ok_or(TierError::UnknownObject(id))?;
+        if obj.ram.is_some() {
+            return Ok(Prefetch::Resident);
+        }
+        if obj.staged.is_some() || obj.loading {
+            return Ok(Prefetch::Underway);
+        }
+        // Lengths fit in usize: they came from in-memory slices.
+        let Some((data, charged)) = self
+            .ram
+            .take(obj.extent.len as usize, self.budget(), true)?
+        else {
+            self.counters
+                .prefetch_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Prefetch::NoRoom);
+        };
+        obj.loading = true;
+        self.counters
+            .prefetch_issued
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Prefetch::Started(Resident {
+            id: ObjectId(id),
+            data: Some(data),
+            charged,
+            usage: self.ram.clone(),
+        }))
+    }
+
+    fn depth(&self) -> usize {
+        self.prefetch_depth.load(Ordering::Acquire)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // State updates are small and complete under the lock; a panic in a
         // reader does not leave it half-updated, so poison is ignored.
@@ -640,32 +826,53 @@ impl Shared {
     /// the budget less room for the buffers of streaming (the one being
     /// used plus `prefetch_depth` read ahead).
     fn resident_budget(&self, st: &State) -> u64 {
-        let budget = self.config.cpu_ram.bytes();
+        let budget = self.budget();
         if st.total_bytes <= budget {
             budget
         } else {
-            let reserve = st.largest * (self.config.prefetch_depth as u64 + 1);
-            budget.saturating_sub(reserve)
+            budget.saturating_sub(self.stream_reserve(st))
         }
     }
 
-    /// Reads an object's extent into a new charged buffer.
-    /// Reads `id` into a charged buffer; `inflight` is what a prefetch
-    /// counted for it, released as soon as the buffer is charged (counting
-    /// both while the read runs would leave no room for the next prefetch).
-    fn read(&self, id: u64, extent: Extent, inflight: u64) -> Result<Arc<Resident>> {
+    /// RAM for streaming when objects do not all fit: what a reader holds
+    /// at once (`stream_hold`, else the largest object) plus
+    /// `prefetch_depth` largest objects read ahead.
+    fn stream_reserve(&self, st: &State) -> u64 {
+        let hold = match self.stream_hold.load(Ordering::Acquire) {
+            0 => st.largest,
+            h => ram_bytes(h),
+        };
+        hold + st.largest * self.depth() as u64
+    }
+
+    /// Reads `id` on demand into a new charged buffer (a reader or a
+    /// promotion: never refused, pooled buffers freed to stay in budget).
+    fn read_new(&self, id: u64, extent: Extent) -> Result<Arc<Resident>> {
         // Lengths fit in usize: they came from in-memory slices.
         let len = extent.len as usize;
-        let (data, charged) = self.ram.buffer(len);
-        self.ram.inflight.fetch_sub(inflight, Ordering::AcqRel);
-        let mut resident = Resident {
-            id: ObjectId(id),
-            data,
-            charged,
-            usage: self.ram.clone(),
-        };
+        let (data, charged) = self
+            .ram
+            .take(len, self.budget(), false)?
+            .ok_or(TierError::OutOfMemory(extent.len))?;
+        self.read_into(
+            extent,
+            Resident {
+                id: ObjectId(id),
+                data: Some(data),
+                charged,
+                usage: self.ram.clone(),
+            },
+        )
+    }
+
+    /// Reads `extent` into `into`'s buffer (charged already; handed back
+    /// when the read fails).
+    fn read_into(&self, extent: Extent, mut into: Resident) -> Result<Arc<Resident>> {
         let start = Instant::now();
-        self.spill.read_into(extent, &mut resident.data)?;
+        match into.data.as_mut() {
+            Some(buf) => self.spill.read_into_buf(extent, buf)?,
+            None => return Err(TierError::OutOfMemory(extent.len)),
+        }
         let took = start.elapsed();
         self.counters
             .ssd_read_nanos
@@ -678,14 +885,14 @@ impl Shared {
             bytes: extent.len,
             latency: took,
         });
-        Ok(Arc::new(resident))
+        Ok(Arc::new(into))
     }
 
     /// Keeps `r` as the RAM copy of `id` when it is hot enough and fits the
     /// resident budget (no second read for a promotion); returns it.
     fn adopt(&self, st: &mut State, id: u64, r: Arc<Resident>) -> Arc<Resident> {
         let now = st.tick;
-        let (policy, half_life) = (self.config.policy, self.config.half_life_accesses);
+        let (policy, half_life) = (self.config.policy, self.half_life(st));
         let hottest = st
             .objects
             .values()
@@ -699,7 +906,7 @@ impl Shared {
                 >= self.config.migration_threshold;
         if obj.ram.is_none()
             && hot
-            && st.resident_bytes + obj.extent.len <= self.resident_budget(st)
+            && st.resident_bytes + ram_bytes(obj.extent.len) <= self.resident_budget(st)
         {
             self.adopt_as_resident(st, id, r.clone());
         }
@@ -708,7 +915,7 @@ impl Shared {
 
     fn adopt_as_resident(&self, st: &mut State, id: u64, r: Arc<Resident>) {
         if let Some(obj) = st.objects.get_mut(&id) {
-            let bytes = obj.extent.len;
+            let bytes = ram_bytes(obj.extent.len);
             obj.ram = Some(r);
             st.resident_bytes += bytes;
             self.counters.promotions.fetch_add(1, Ordering::Relaxed);
@@ -731,19 +938,35 @@ impl Shared {
     }
 }
 
-fn io_loop(sh: &Shared, jobs: &Receiver<Job>) {
-    while let Ok(job) = jobs.recv() {
-        let (id, promote, inflight) = match job {
-            Job::Promote(id) => (id, true, 0),
-            Job::Prefetch(id, len) => (id, false, len),
+/// RAM an object of `len` bytes takes: read buffers are whole pages.
+fn ram_bytes(len: u64) -> u64 {
+    len.max(1).next_multiple_of(IO_ALIGN as u64)
+}
+
+/// Reads the background jobs: two threads, so a read is in flight on the
+/// device while the other thread waits to be scheduled (on a loaded
+/// machine a wake-up can take milliseconds), and two requests keep an
+/// NVMe queue busier than one.
+const IO_THREADS: usize = 2;
+
+fn io_loop(sh: &Shared, jobs: &Mutex<Receiver<Job>>) {
+    loop {
+        // Poison: a panicking I/O thread held the receiver; it is intact.
+        let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(job) = job else { break };
+        let (id, promote, buffer) = match job {
+            Job::Promote(id) => (id, true, None),
+            Job::Prefetch(id, buf) => (id, false, Some(buf)),
         };
         let extent = sh.lock().objects.get(&id).map(|o| o.extent);
         let Some(extent) = extent else {
-            // The object is gone: nothing will be charged for it.
-            sh.ram.inflight.fetch_sub(inflight, Ordering::AcqRel);
+            // The object is gone: its buffer (if any) goes back on drop.
             continue;
         };
-        let read = sh.read(id, extent, inflight);
+        let read = match buffer {
+            Some(buf) => sh.read_into(extent, buf),
+            None => sh.read_new(id, extent),
+        };
         let mut st = sh.lock();
         if let Some(obj) = st.objects.get_mut(&id) {
             obj.loading = false;
@@ -751,7 +974,7 @@ fn io_loop(sh: &Shared, jobs: &Receiver<Job>) {
                 if promote {
                     // Published whole, under the lock: readers see the old
                     // state or the finished copy, never a partial one.
-                    if st.resident_bytes + extent.len <= sh.resident_budget(&st) {
+                    if st.resident_bytes + ram_bytes(extent.len) <= sh.resident_budget(&st) {
                         sh.adopt_as_resident(&mut st, id, r);
                     }
                 } else {

@@ -1,9 +1,11 @@
 //! The SSD tier: one spill file of immutable extents, read with positioned
-//! reads (`pread`) into owned buffers.
+//! reads (`pread`) into owned buffers, with direct I/O (`O_DIRECT`) where
+//! the file system takes it.
 
+use crate::buffer::AlignedBuf;
 use crate::error::{Result, TierError};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +29,11 @@ pub struct SpillFile {
     dirty: AtomicBool,
     drop_page_cache: bool,
     bytes_written: AtomicU64,
+    /// The file opened again with O_DIRECT: reads go from the device into
+    /// the (page-aligned) buffer with no page-cache copy on the CPU.
+    direct: Option<File>,
+    /// Cleared when the file system refuses a direct read (EINVAL).
+    direct_ok: AtomicBool,
 }
 
 #[derive(Default)]
@@ -70,7 +77,28 @@ impl SpillFile {
             dirty: AtomicBool::new(false),
             drop_page_cache,
             bytes_written: AtomicU64::new(0),
+            direct: None,
+            direct_ok: AtomicBool::new(false),
         })
+    }
+
+    /// Reads through direct I/O from now on where the file system allows
+    /// it (not tmpfs, say); returns whether it does. Reads then bypass
+    /// the page cache, which therefore cannot serve them from RAM.
+    pub fn use_direct_io(&mut self) -> bool {
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path);
+        self.direct = opened.ok();
+        self.direct_ok
+            .store(self.direct.is_some(), Ordering::Release);
+        self.direct.is_some()
+    }
+
+    /// Whether reads go through direct I/O.
+    pub fn direct_io(&self) -> bool {
+        self.direct.is_some() && self.direct_ok.load(Ordering::Acquire)
     }
 
     /// The file's path.
@@ -203,6 +231,36 @@ impl SpillFile {
         Ok(())
     }
 
+    /// Reads `extent` into `buf` (its length set to `extent.len`): a
+    /// direct read of whole pages when enabled (the capacity of `buf` is
+    /// whole pages), else a buffered one.
+    pub(crate) fn read_into_buf(&self, extent: Extent, buf: &mut AlignedBuf) -> Result<()> {
+        // Lengths fit in usize: they came from in-memory slices.
+        let len = extent.len as usize;
+        buf.set_len(len);
+        if let (Some(direct), true) = (&self.direct, self.direct_io()) {
+            if self.dirty.load(Ordering::Acquire) {
+                self.flush()?;
+            }
+            let want = len.next_multiple_of(ALIGN as usize).min(buf.capacity());
+            match read_whole_pages(direct, &mut buf.whole_mut()[..want], extent.offset, len) {
+                Ok(()) => return Ok(()),
+                // The file system does not take direct reads after all:
+                // buffered reads from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_ok.store(false, Ordering::Release);
+                }
+                Err(e) => {
+                    return Err(self.io_error(
+                        format!("reading {len} bytes (direct I/O) at {} of", extent.offset),
+                        e,
+                    ))
+                }
+            }
+        }
+        self.read_into(extent, buf)
+    }
+
     fn drop_cached(&self, offset: u64, len: u64) {
         let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return;
@@ -232,6 +290,27 @@ impl Drop for SpillFile {
 }
 
 static SPILL_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Fills `out` from `offset` of a direct-I/O file, stopping early only at
+/// the end of the file; fails when fewer than `need` bytes came.
+fn read_whole_pages(file: &File, out: &mut [u8], offset: u64, need: usize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < out.len() {
+        match file.read_at(&mut out[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if done < need {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the file ended after {done} of {need} bytes"),
+        ));
+    }
+    Ok(())
+}
 
 /// Drops this process's pages of `bytes`, a range of a read-only file
 /// mapping, once its contents were copied to the SSD tier: the next access
@@ -278,6 +357,29 @@ mod tests {
         release_mapped_pages(&map[100..40_000]).unwrap();
         release_mapped_pages(&map[10..20]).unwrap(); // no whole page: nothing to do
         assert_eq!(&map[..], &data[..]);
+    }
+
+    #[test]
+    fn direct_reads_equal_buffered_reads_including_the_last_extent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = SpillFile::create(dir.path(), true).unwrap();
+        let direct = f.use_direct_io();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let a = f.allocate(4096 * 3, 0).unwrap();
+        let b = f.allocate(data.len() as u64, 0).unwrap(); // ends mid-page, at EOF
+        f.write(a, &vec![5u8; 4096 * 3]).unwrap();
+        f.write(b, &data).unwrap();
+        let mut buf = AlignedBuf::zeroed(data.len()).unwrap();
+        f.read_into_buf(b, &mut buf).unwrap();
+        assert_eq!(&buf[..], &data[..]);
+        f.read_into_buf(a, &mut buf).unwrap();
+        assert_eq!(buf.len(), 4096 * 3);
+        assert!(buf.iter().all(|&x| x == 5));
+        // Direct I/O where the file system has it (tmpfs has not); a file
+        // system that opens with O_DIRECT keeps taking the reads.
+        if direct {
+            assert!(f.direct_io());
+        }
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub struct TierStats {
     pub resident_bytes: u64,
     /// Bytes of freed read buffers kept for reuse (part of the RAM use).
     pub pooled_bytes: u64,
-    /// Bytes of all objects.
+    /// Bytes of all objects, as RAM would hold them (whole pages).
     pub object_bytes: u64,
     /// Migrations SSD -> RAM.
     pub promotions: u64,

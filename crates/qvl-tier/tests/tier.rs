@@ -77,6 +77,84 @@ fn hot_objects_move_up_and_similar_ones_do_not_swap() {
 }
 
 #[test]
+fn reading_in_order_queues_the_next_read_into_the_freed_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    // Depth 1 and no room for kept copies: the layer in use plus one read ahead.
+    let m = TierManager::new(TierConfig {
+        cpu_ram: ByteSize(2 * 4096),
+        prefetch_depth: 1,
+        spill_dir: Some(dir.path().to_path_buf()),
+        ..TierConfig::default()
+    })
+    .unwrap();
+    let order: Vec<ObjectId> = (0..6)
+        .map(|i| m.insert(TensorKind::Weight, &payload(i, 4096)).unwrap())
+        .collect();
+    for _ in 0..4 {
+        for i in 0..order.len() {
+            // The previous object was dropped: its buffer takes the read of
+            // the next one before this one is waited for.
+            let bytes = m.get_in_order(&order, i).unwrap();
+            assert_eq!(&bytes[..], &payload(i, 4096)[..]);
+        }
+    }
+    m.wait_idle();
+    let s = m.stats();
+    // Reads go through the I/O thread; one is on demand only when the
+    // thread had not yet taken the last job (room counted for it).
+    assert_eq!(s.ssd_hits + s.prefetch_hits, 24, "{}", s.summary());
+    assert!(s.prefetch_hits >= 12, "{}", s.summary());
+    assert_eq!(s.tiers[1].objects, 0);
+    assert!(s.tiers[1].peak <= 2 * 4096, "{}", s.summary());
+    assert!(m
+        .get_in_order(&order, 6)
+        .unwrap_err()
+        .to_string()
+        .contains("position 6"));
+}
+
+#[test]
+fn reconfiguring_the_budget_demotes_and_regrows_kept_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path(), 8 * 4096);
+    let order: Vec<ObjectId> = (0..4)
+        .map(|i| m.insert(TensorKind::Weight, &payload(i, 4096)).unwrap())
+        .collect();
+    let walk = |rounds| {
+        for _ in 0..rounds {
+            for i in 0..order.len() {
+                assert_eq!(
+                    &m.get_in_order(&order, i).unwrap()[..],
+                    &payload(i, 4096)[..]
+                );
+            }
+        }
+        m.wait_idle();
+    };
+    walk(10);
+    assert_eq!(m.stats().tiers[1].objects, 4, "everything fits: all kept");
+    // A quarter of the objects, depth 1: the reserve leaves no kept copy.
+    m.reconfigure(ByteSize(2 * 4096), 1).unwrap();
+    assert_eq!(m.config().cpu_ram, ByteSize(2 * 4096));
+    let s = m.stats();
+    assert_eq!(
+        (s.tiers[1].objects, s.resident_bytes),
+        (0, 0),
+        "{}",
+        s.summary()
+    );
+    walk(5);
+    let s = m.stats();
+    assert!(s.tiers[1].used <= 2 * 4096, "{}", s.summary());
+    // Static placement (depth 0) with room for three: two kept copies and
+    // the buffer of the read in use.
+    m.reconfigure(ByteSize(3 * 4096), 0).unwrap();
+    walk(10);
+    assert_eq!(m.stats().tiers[1].objects, 2, "{}", m.stats().summary());
+    assert!(m.reconfigure(ByteSize(4096), 65).is_err());
+}
+
+#[test]
 fn prefetch_reads_ahead_of_an_ordered_stream() {
     let dir = tempfile::tempdir().unwrap();
     // Room for two kept copies plus the streaming buffers.
