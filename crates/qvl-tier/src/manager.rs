@@ -655,9 +655,10 @@ impl TierManager {
         Ok(())
     }
 
-    /// Reads every object once through the SSD read path (positioned reads,
-    /// page cache dropped when configured) and returns bytes per second:
-    /// the bandwidth bound of streaming, measured with the same I/O.
+    /// Reads every object once through the SSD read path (direct or
+    /// positioned reads, page cache dropped when configured), with as many
+    /// reads in flight as the I/O threads keep, and returns bytes per
+    /// second: the bandwidth bound of streaming, measured with the same I/O.
     pub fn measure_read_bandwidth(&self) -> Result<f64> {
         self.flush()?;
         let extents: Vec<Extent> = {
@@ -667,14 +668,38 @@ impl TierManager {
             e
         };
         let largest = extents.iter().map(|e| e.len).max().unwrap_or(0);
-        let mut buf = AlignedBuf::zeroed(usize::try_from(largest).unwrap_or(usize::MAX))
-            .ok_or(TierError::OutOfMemory(largest))?;
+        let spill = &self.shared.spill;
         let start = Instant::now();
-        let mut bytes = 0u64;
-        for e in extents {
-            self.shared.spill.read_into_buf(e, &mut buf)?;
-            bytes += e.len;
-        }
+        let bytes = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..IO_THREADS)
+                .map(|t| {
+                    let mine: Vec<Extent> = extents
+                        .iter()
+                        .skip(t)
+                        .step_by(IO_THREADS)
+                        .copied()
+                        .collect();
+                    scope.spawn(move || -> Result<u64> {
+                        let mut buf =
+                            AlignedBuf::zeroed(usize::try_from(largest).unwrap_or(usize::MAX))
+                                .ok_or(TierError::OutOfMemory(largest))?;
+                        let mut bytes = 0;
+                        for e in mine {
+                            spill.read_into_buf(e, &mut buf)?;
+                            bytes += e.len;
+                        }
+                        Ok(bytes)
+                    })
+                })
+                .collect();
+            let mut total = 0;
+            for r in readers {
+                total += r.join().map_err(|_| {
+                    TierError::Stopped("a bandwidth probe thread panicked".into())
+                })??;
+            }
+            Ok::<u64, TierError>(total)
+        })?;
         Ok(bytes as f64 / start.elapsed().as_secs_f64().max(1e-9))
     }
 
