@@ -250,6 +250,34 @@ impl TieredLayers {
     }
 }
 
+impl TieredLayers {
+    /// Changes the RAM budget and prefetch depth of the layers' tier
+    /// ([`TierManager::reconfigure`]) and lets go of cached layers whose
+    /// copies it demoted, so the RAM in use falls under the new budget now.
+    pub fn reconfigure(&self, ram: ByteSize, prefetch_depth: usize) -> qvl_model::Result<()> {
+        self.manager
+            .reconfigure(ram, prefetch_depth)
+            .map_err(tier_error)?;
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        self.drop_demoted(&mut built)?;
+        drop(built);
+        self.manager.reset_peak();
+        Ok(())
+    }
+
+    /// Drops cached layers with a segment no longer kept: the cache never
+    /// holds bytes the tier has let go.
+    fn drop_demoted(&self, built: &mut [Option<BuiltLayer>]) -> qvl_model::Result<()> {
+        for (slot, t) in built.iter_mut().zip(&self.tables) {
+            let ids = &self.order[t.first..t.first + t.parts];
+            if slot.is_some() && !self.manager.all_resident(ids).map_err(tier_error)? {
+                *slot = None;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl LayerProvider for TieredLayers {
     fn layer(&self, index: usize) -> qvl_model::Result<Arc<DecoderLayer>> {
         let Some(table) = self.tables.get(index) else {
@@ -276,14 +304,7 @@ impl LayerProvider for TieredLayers {
         let kept = self.manager.all_resident(ids).map_err(tier_error)?;
         // The cache holds no tensor of its own: poison cannot leave it invalid.
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-        if index == 0 {
-            for (slot, t) in built.iter_mut().zip(&self.tables) {
-                let others = &self.order[t.first..t.first + t.parts];
-                if slot.is_some() && !self.manager.all_resident(others).map_err(tier_error)? {
-                    *slot = None;
-                }
-            }
-        }
+        self.drop_demoted(&mut built)?;
         if kept {
             if let Some((k, layer)) = &built[index] {
                 if *k == keys {
