@@ -293,7 +293,7 @@ impl TierManager {
 
     /// Changes the RAM budget and the prefetch depth, then replans: kept
     /// copies over the new budget are demoted at once (readers keep theirs),
-    /// and pooled read buffers are freed. A session can shrink or grow its
+    /// and reads ahead and pooled read buffers are freed. A session can shrink or grow its
     /// weights' RAM as other work needs memory, without a new spill file.
     pub fn reconfigure(&self, cpu_ram: qvl_core::ByteSize, prefetch_depth: usize) -> Result<()> {
         TierConfig {
@@ -302,7 +302,15 @@ impl TierManager {
             ..self.shared.config.clone()
         }
         .validate()?;
-        let st = self.shared.lock();
+        let mut st = self.shared.lock();
+        // Reads ahead were planned under the old budget: let them go (a
+        // reader that holds one keeps it).
+        let staged: Vec<Arc<Resident>> = st
+            .objects
+            .values_mut()
+            .filter_map(|o| o.staged.take())
+            .collect();
+        drop(staged);
         self.shared
             .ram_budget
             .store(cpu_ram.bytes(), Ordering::Release);
