@@ -406,13 +406,14 @@ pub struct WeightBudgets {
     pub gpu: Option<ByteSize>,
 }
 
-/// Layers read ahead under a budget. One is enough to keep the read
-/// queue busy: the reader asks for a layer through
-/// [`TierManager::get_in_order`], which queues the next read into the
-/// buffer the reader just let go before it waits, so two streaming buffers
-/// keep the disk busy; each buffer more would cost a kept layer (bytes
-/// read every token).
-pub const RUN_PREFETCH_DEPTH: usize = 1;
+/// Read-ahead room under a budget, in largest segments (half a layer):
+/// with layers read as segments by several I/O threads, this keeps reads
+/// queued across the layer boundary, where the reader holds the layer it
+/// assembles and frees nothing; each segment more costs a kept segment
+/// (bytes read every token). The reader asks for each segment through
+/// [`TierManager::get_in_order`], which queues the next reads into the
+/// buffers the previous layer freed before it waits.
+pub const RUN_PREFETCH_DEPTH: usize = 4;
 
 /// The `[tiering]` section as a [`TierConfig`]: `migration_threshold` and
 /// `migration_policy` map one to one, the rest keeps the manager's defaults
