@@ -549,10 +549,10 @@ impl WeightTiering {
                 return Err(ModelError::InvalidInput(format!(
                     "--ram-budget {ram} is smaller than one decoder layer of {} ({}): the \
                      budget must hold the layer in use; give at least {} (that layer and \
-                     {RUN_PREFETCH_DEPTH} read ahead)",
+                     half a layer read ahead)",
                     path.display(),
                     ByteSize(need),
-                    ByteSize(need * (1 + RUN_PREFETCH_DEPTH as u64)),
+                    ByteSize(need + need / 2),
                 )));
             }
             let weight_bytes = layers.weight_bytes();
