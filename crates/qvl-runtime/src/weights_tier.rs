@@ -406,14 +406,14 @@ pub struct WeightBudgets {
     pub gpu: Option<ByteSize>,
 }
 
-/// Read-ahead room under a budget, in largest segments (half a layer):
+/// Read-ahead room under a budget, in largest segments (a quarter layer):
 /// with layers read as segments by several I/O threads, this keeps reads
 /// queued across the layer boundary, where the reader holds the layer it
 /// assembles and frees nothing; each segment more costs a kept segment
 /// (bytes read every token). The reader asks for each segment through
 /// [`TierManager::get_in_order`], which queues the next reads into the
 /// buffers the previous layer freed before it waits.
-pub const RUN_PREFETCH_DEPTH: usize = 4;
+pub const RUN_PREFETCH_DEPTH: usize = 2;
 
 /// The `[tiering]` section as a [`TierConfig`]: `migration_threshold` and
 /// `migration_policy` map one to one, the rest keeps the manager's defaults
