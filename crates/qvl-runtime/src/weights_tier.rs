@@ -549,7 +549,7 @@ impl WeightTiering {
                 return Err(ModelError::InvalidInput(format!(
                     "--ram-budget {ram} is smaller than one decoder layer of {} ({}): the \
                      budget must hold the layer in use; give at least {} (that layer and \
-                     half a layer read ahead)",
+                     room to read ahead)",
                     path.display(),
                     ByteSize(need),
                     ByteSize(need + need / 2),
