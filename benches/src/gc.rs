@@ -337,6 +337,23 @@ enum Mode {
     Adaptive,
 }
 
+impl Mode {
+    /// The collector's config in this mode (None: collection off): fixed
+    /// releases everything cached every 10 ms, adaptive runs qvl-gc's
+    /// defaults.
+    fn gc_config(self) -> Option<GcConfig> {
+        match self {
+            Mode::Off => None,
+            Mode::Fixed => Some(GcConfig {
+                adaptive_enabled: false,
+                collection_interval: Duration::from_millis(10),
+                ..GcConfig::default()
+            }),
+            Mode::Adaptive => Some(GcConfig::default()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Pass {
     seconds: f64,
@@ -351,15 +368,7 @@ struct Pass {
 
 fn replay(trace: &Trace, mode: Mode) -> Result<Pass> {
     let pool = Arc::new(CachingAllocator::new());
-    let config = match mode {
-        Mode::Off => None,
-        Mode::Fixed => Some(GcConfig {
-            adaptive_enabled: false,
-            collection_interval: Duration::from_millis(10),
-            ..GcConfig::default()
-        }),
-        Mode::Adaptive => Some(GcConfig::default()),
-    };
+    let config = mode.gc_config();
     let registry = Arc::new(TensorRegistry::new(&config.clone().unwrap_or_default()));
     let gc = match config {
         Some(c) => {
@@ -793,11 +802,11 @@ pub mod route {
 
 /// The model section: a decoder serving requests of varied length.
 mod model_run {
-    use super::{median, mib, paired_speed_ratio, route, Rng};
+    use super::{median, mib, paired_speed_ratio, route, Mode, Rng};
     use anyhow::{bail, Context, Result};
     use qvl_core::bench::Criterion;
     use qvl_core::{AllocatorStats, BufferAllocator, DType};
-    use qvl_gc::{AllocatorReclaim, CachingAllocator, Collector, GcConfig, TensorRegistry};
+    use qvl_gc::{AllocatorReclaim, CachingAllocator, Collector, TensorRegistry};
     use qvl_model::config::{DecoderConfig, RopeConfig, RopeKind};
     use qvl_model::kv::DEFAULT_BLOCK_TOKENS;
     use qvl_model::ops::{argmax, Activation};
@@ -809,7 +818,7 @@ mod model_run {
     use serde_json::json;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     /// The workload.
     pub struct Workload {
@@ -863,13 +872,6 @@ mod model_run {
                 (ids, out)
             })
             .collect()
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq)]
-    enum Mode {
-        Off,
-        Fixed,
-        Adaptive,
     }
 
     #[derive(Debug, Clone, Default)]
@@ -981,15 +983,7 @@ mod model_run {
         // reserved KV memory up to a run above live.
         let kv_pool = HostPool::new(&PoolConfig::default()).context("KV pool")?;
         let act_pool = CachingAllocator::new();
-        let config = match mode {
-            Mode::Off => None,
-            Mode::Fixed => Some(GcConfig {
-                adaptive_enabled: false,
-                collection_interval: Duration::from_millis(10),
-                ..GcConfig::default()
-            }),
-            Mode::Adaptive => Some(GcConfig::default()),
-        };
+        let config = mode.gc_config();
         let registry = Arc::new(TensorRegistry::new(&config.clone().unwrap_or_default()));
         let collector = match config {
             Some(c) => {
