@@ -36,6 +36,33 @@ const SEQ_REQUEST: usize = 4 << 20;
 /// Requests in flight in the sequential disk probe (the tier's I/O threads).
 const SEQ_DEPTH: usize = 4;
 
+/// The disk's own streaming rate beside the tier's read path: large
+/// sequential O_DIRECT requests, as many in flight as the tier's I/O
+/// threads. The bounds take the higher rate, so a slow probe of the tier's
+/// own path cannot make a bound easy to meet.
+struct DiskProbe {
+    file: qvl_swap::probe::SequentialProbe,
+    pass_bytes: u64,
+}
+
+impl DiskProbe {
+    fn create(dir: &Path, quick: bool) -> Result<DiskProbe> {
+        let pass_bytes: u64 = if quick { 128 << 20 } else { 512 << 20 };
+        let file = qvl_swap::probe::SequentialProbe::create(dir, pass_bytes)
+            .context("creating the sequential read probe")?;
+        Ok(DiskProbe { file, pass_bytes })
+    }
+
+    /// One pass; bytes per second.
+    fn rate(&self) -> Result<f64> {
+        let (bytes, secs) = self
+            .file
+            .read_pass(self.pass_bytes, SEQ_REQUEST, SEQ_DEPTH)
+            .context("reading the sequential probe")?;
+        Ok(bytes as f64 / secs.max(1e-9))
+    }
+}
+
 fn generated_config(quick: bool) -> DecoderConfig {
     let (layers, hidden, inter) = if quick {
         (8, 512, 2048)
@@ -206,13 +233,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         .context("loading the tiered decoder")?;
     let image_bytes = layers.image_bytes();
     let direct_io = layers.manager().direct_io();
-    // The disk's own streaming rate beside the tier's read path: large
-    // sequential O_DIRECT requests, as many in flight as the tier's I/O
-    // threads. The bound takes the higher rate, so a slow probe of the
-    // tier's own path cannot make the bound easy to meet.
-    let seq_bytes: u64 = if quick { 128 << 20 } else { 512 << 20 };
-    let seq_probe = qvl_swap::probe::SequentialProbe::create(&dir, seq_bytes)
-        .context("creating the sequential read probe")?;
+    let disk = DiskProbe::create(&dir, quick)?;
 
     let mut rows = Vec::new();
     let mut criteria = Vec::new();
@@ -256,10 +277,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                         .measure_read_bandwidth()
                         .context("measuring read bandwidth")?,
                 );
-                let (bytes, secs) = seq_probe
-                    .read_pass(seq_bytes, SEQ_REQUEST, SEQ_DEPTH)
-                    .context("reading the sequential probe")?;
-                seq_probes.push(bytes as f64 / secs.max(1e-9));
+                seq_probes.push(disk.rate()?);
             }
         }
         let want = ram_tokens.as_ref().context("an all-in-RAM round ran")?;
@@ -538,17 +556,11 @@ fn smollm2_rows(
         bw = bw.max(layers.manager().measure_read_bandwidth()?);
     }
     bw = bw.max(layers.stats().ssd_read_bandwidth());
-    // The disk's sequential O_DIRECT rate, as in the generated model's rows.
-    let seq_bytes: u64 = if quick { 128 << 20 } else { 512 << 20 };
-    let seq_probe = qvl_swap::probe::SequentialProbe::create(dir, seq_bytes)
-        .context("creating the sequential read probe")?;
+    let disk = DiskProbe::create(dir, quick)?;
     for _ in 0..2 {
-        let (bytes, secs) = seq_probe
-            .read_pass(seq_bytes, SEQ_REQUEST, SEQ_DEPTH)
-            .context("reading the sequential probe")?;
-        bw = bw.max(bytes as f64 / secs.max(1e-9));
+        bw = bw.max(disk.rate()?);
     }
-    drop(seq_probe);
+    drop(disk);
     let bound = bw / streamed.max(1.0);
     let same = tokens == ram_tokens && best_static.is_none_or(|b| b.1 == ram_tokens);
     let s = layers.stats();
