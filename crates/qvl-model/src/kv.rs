@@ -145,6 +145,14 @@ pub trait KvBlockStorage: Send + Sync {
     /// One layer of block `id`.
     fn read(&self, id: KvBlockId, layer: usize) -> Result<KvLayerView<'_>>;
 
+    /// One layer of each block of `ids`, in order: what attention reads
+    /// for one layer. The default reads the blocks one by one; a storage
+    /// that fetches blocks from elsewhere overrides it to serve the whole
+    /// layer in one pass (one lock, one batch of reads).
+    fn read_layer(&self, ids: &[KvBlockId], layer: usize) -> Result<Vec<KvLayerView<'_>>> {
+        ids.iter().map(|id| self.read(*id, layer)).collect()
+    }
+
     /// Bytes the storage holds now.
     fn used_bytes(&self) -> usize;
 
@@ -385,11 +393,7 @@ impl PagedKvCache {
         }
         let group = heads / l.kv_heads;
         let first = total - n;
-        let views: Vec<KvLayerView<'_>> = self
-            .table
-            .iter()
-            .map(|id| self.storage.read(*id, layer))
-            .collect::<Result<_>>()?;
+        let views = self.storage.read_layer(&self.table, layer)?;
         let w = l.token_width();
         let mut out = vec![0f32; n * heads * hd];
         out.par_chunks_mut(hd).enumerate().for_each(|(qh, o)| {

@@ -696,72 +696,110 @@ impl SwappingKvStorage {
             .map(|(i, _)| i)
     }
 
-    /// Reads one swapped chunk: from the prefetch window if it is there,
-    /// on demand otherwise; plans and tops up the prefetches.
+    /// Reads one swapped chunk (see [`Self::fetch_chunks`]).
     fn fetch_chunk(&self, index: usize, uid: u64, layer: usize) -> Result<Fetched> {
+        let mut fetched = None;
+        self.fetch_chunks(&[(index, uid)], layer, |_, chunk| {
+            fetched = Some(chunk);
+            Ok(())
+        })?;
+        fetched.ok_or_else(|| ModelError::KvCache(format!("block {index} layer {layer} not read")))
+    }
+
+    /// Reads swapped chunks `(index, uid)` of `layer` and hands each to
+    /// `take` with its position in `chunks`, in order: from the prefetch
+    /// window where they are staged, the rest on demand in one batch of
+    /// urgent reads (merged where they neighbour on disk). One pass over
+    /// the window for the whole list, which also plans the layers ahead
+    /// and tops up the prefetches once the list's chunks have left it.
+    fn fetch_chunks(
+        &self,
+        chunks: &[(usize, u64)],
+        layer: usize,
+        mut take: impl FnMut(usize, Fetched) -> Result<()>,
+    ) -> Result<()> {
         let entered = Instant::now();
-        let ticket = {
+        let mut tickets: Vec<Option<Staged>> = Vec::with_capacity(chunks.len());
+        let mut missed = Vec::new();
+        {
             let mut p = lock(&self.prefetch);
             if p.current != Some(layer) {
                 p.current = Some(layer);
                 self.plan_ahead(&mut p, layer);
             }
-            let staged = p.staged.remove(&(index, layer));
-            if staged.is_some() {
-                p.staged_bytes -= self.chunk_bytes();
-            } else {
-                // Not prefetched (cold start, or the window was too small):
-                // the rest of this layer is needed right now, ahead of the plan.
-                let rest: Vec<_> = self
-                    .swapped_indices()
-                    .filter(|&i| i > index && !p.staged.contains_key(&(i, layer)))
-                    .map(|i| (i, layer))
-                    .collect();
-                for item in rest.into_iter().rev() {
-                    p.plan.push_front(item);
+            for (at, &(index, _)) in chunks.iter().enumerate() {
+                let staged = p.staged.remove(&(index, layer));
+                if staged.is_some() {
+                    p.staged_bytes -= self.chunk_bytes();
+                } else {
+                    missed.push(at);
                 }
+                tickets.push(staged);
+            }
+            if !missed.is_empty() {
+                // Read below on demand: a planned prefetch of them would
+                // be a second read.
+                let demanded: std::collections::HashSet<usize> =
+                    missed.iter().map(|&at| chunks[at].0).collect();
+                p.plan
+                    .retain(|&(i, l)| l != layer || !demanded.contains(&i));
             }
             self.pump(&mut p);
-            staged
-        };
-        let hit = ticket.is_some();
-        let ticket = match ticket {
-            Some(t) => t,
-            None => {
-                let key = Self::chunk_key(uid, layer);
-                let t = if !self.encodes() {
-                    self.store
-                        .read_many_landed(&[key], true)
-                        .pop()
-                        .flatten()
-                        .map(Staged::Landed)
-                } else {
-                    self.store
-                        .read_async(&key, true, self.decoder())
-                        .map(Staged::Decoded)
-                };
-                t.ok_or_else(|| {
-                    ModelError::KvCache(format!(
-                        "block {index} layer {layer} is neither in RAM nor in the swap space"
-                    ))
-                })?
+        }
+        let hits = (chunks.len() - missed.len()) as u64;
+        if !missed.is_empty() {
+            // Not prefetched (cold start, or the window was too small):
+            // needed right now, ahead of the prefetches.
+            let keys: Vec<BlockKey> = missed
+                .iter()
+                .map(|&at| Self::chunk_key(chunks[at].1, layer))
+                .collect();
+            let demand: Vec<Option<Staged>> = if !self.encodes() {
+                self.store
+                    .read_many_landed(&keys, true)
+                    .into_iter()
+                    .map(|t| t.map(Staged::Landed))
+                    .collect()
+            } else {
+                self.store
+                    .read_many_async(&keys, true, self.decoder())
+                    .into_iter()
+                    .map(|t| t.map(Staged::Decoded))
+                    .collect()
+            };
+            for (&at, ticket) in missed.iter().zip(demand) {
+                tickets[at] = ticket;
             }
-        };
-        let start = Instant::now();
-        let chunk = ticket
-            .wait()
-            .map_err(|e| swap_err(&format!("reading KV block {index} layer {layer} back"), e))?;
+        }
+        let mut stalled = std::time::Duration::ZERO;
+        let mut result = Ok(());
+        for (at, ticket) in tickets.into_iter().enumerate() {
+            let (index, _) = chunks[at];
+            let Some(ticket) = ticket else {
+                result = Err(ModelError::KvCache(format!(
+                    "block {index} layer {layer} is neither in RAM nor in the swap space"
+                )));
+                break;
+            };
+            let start = Instant::now();
+            let chunk = ticket
+                .wait()
+                .map_err(|e| swap_err(&format!("reading KV block {index} layer {layer} back"), e));
+            stalled += start.elapsed();
+            if let Err(e) = chunk.and_then(|chunk| take(at, chunk)) {
+                result = Err(e);
+                break;
+            }
+        }
         let c = &self.counters;
         c.stall_ns
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if hit {
-            c.prefetch_hits.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.demand_reads.fetch_add(1, Ordering::Relaxed);
-        }
+            .fetch_add(stalled.as_nanos() as u64, Ordering::Relaxed);
+        c.prefetch_hits.fetch_add(hits, Ordering::Relaxed);
+        c.demand_reads
+            .fetch_add(missed.len() as u64, Ordering::Relaxed);
         c.fetch_ns
             .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(chunk)
+        result
     }
 
     /// Most read buffers lent at once: one layer of the swapped blocks
@@ -1017,6 +1055,65 @@ impl KvBlockStorage for SwappingKvStorage {
         })
     }
 
+    fn read_layer(&self, ids: &[KvBlockId], layer: usize) -> Result<Vec<KvLayerView<'_>>> {
+        let l = self.layout;
+        if layer >= l.layers {
+            return Err(ModelError::KvCache(format!(
+                "layer {layer} out of {}",
+                l.layers
+            )));
+        }
+        let mut views: Vec<Option<KvLayerView<'_>>> = Vec::with_capacity(ids.len());
+        // (position in ids, block index, uid) of the swapped blocks.
+        let mut swapped = Vec::new();
+        {
+            let mut policy = lock(&self.policy);
+            for (at, &id) in ids.iter().enumerate() {
+                let slot = self.slot(id)?;
+                let index = id.0 as usize;
+                match &slot.data {
+                    Some(data) => {
+                        policy.on_access(Self::policy_key(index));
+                        views.push(Some(l.layer_view(data, layer)));
+                    }
+                    None => {
+                        views.push(None);
+                        swapped.push((at, (index, slot.uid)));
+                    }
+                }
+            }
+        }
+        if !swapped.is_empty() {
+            let chunks: Vec<(usize, u64)> = swapped.iter().map(|&(_, c)| c).collect();
+            self.fetch_chunks(&chunks, layer, |n, fetched| {
+                let (at, (index, _)) = swapped[n];
+                let view = match fetched {
+                    Fetched::Decoded(chunk) => chunk,
+                    Fetched::Landed(rec) => {
+                        if let Some(view) = self.lend(&rec) {
+                            views[at] = Some(view);
+                            return Ok(());
+                        }
+                        self.decode_landed(index, layer, &rec)?
+                    }
+                };
+                self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
+                views[at] = Some(KvLayerView {
+                    keys: Cow::Owned(view.0),
+                    values: Cow::Owned(view.1),
+                });
+                Ok(())
+            })?;
+        }
+        views
+            .into_iter()
+            .enumerate()
+            .map(|(at, v)| {
+                v.ok_or_else(|| ModelError::KvCache(format!("block {} not read", ids[at].0)))
+            })
+            .collect()
+    }
+
     fn used_bytes(&self) -> usize {
         self.resident_bytes + lock(&self.prefetch).staged_bytes
     }
@@ -1121,6 +1218,41 @@ mod tests {
                 }
             }
             assert!(swapped.used_bytes() <= 4 * block);
+        }
+    }
+
+    #[test]
+    fn a_layer_read_in_one_pass_equals_the_blocks_read_one_by_one() {
+        let tmp = tempdir();
+        let l = layout();
+        let mut s =
+            SwappingKvStorage::new(l, &config(tmp.path()), 4 * l.block_floats() * 4).unwrap();
+        let n = l.block_tokens * l.token_width();
+        let ids: Vec<_> = (0..6).map(|_| s.allocate().unwrap()).collect();
+        for (b, &id) in ids.iter().enumerate() {
+            for layer in 0..l.layers {
+                let k: Vec<f32> = (0..n)
+                    .map(|i| (b * 1000 + layer * 100 + i) as f32)
+                    .collect();
+                let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                s.write(id, layer, 0, &k, &v).unwrap();
+            }
+        }
+        s.allocate().unwrap();
+        assert!(s.stats().swapped_blocks >= 3, "{:?}", s.stats());
+        // Resident and swapped blocks mixed, asked in reverse order and one
+        // of them twice.
+        let mut asked: Vec<KvBlockId> = ids.iter().rev().copied().collect();
+        asked.push(ids[1]);
+        for layer in 0..l.layers {
+            let views = s.read_layer(&asked, layer).unwrap();
+            assert_eq!(views.len(), asked.len());
+            for (view, &id) in views.iter().zip(&asked) {
+                let want = s.read(id, layer).unwrap();
+                assert_eq!(view.keys, want.keys, "layer {layer} block {id:?}");
+                assert_eq!(view.values, want.values, "layer {layer} block {id:?}");
+                assert_eq!(view.keys[0], (id.0 as usize * 1000 + layer * 100) as f32);
+            }
         }
     }
 

@@ -375,8 +375,32 @@ impl KvBlockStorage for PhasedKvStorage {
         Self::timed(&self.probe, || self.inner.read(inner, layer))
     }
 
+    fn read_layer(
+        &self,
+        ids: &[KvBlockId],
+        layer: usize,
+    ) -> qvl_model::Result<Vec<KvLayerView<'_>>> {
+        let inner = ids
+            .iter()
+            .map(|id| self.inner_id(*id))
+            .collect::<qvl_model::Result<Vec<_>>>()?;
+        Self::timed(&self.probe, || self.inner.read_layer(&inner, layer))
+    }
+
     fn used_bytes(&self) -> usize {
         self.inner.used_bytes()
+    }
+
+    fn observe_attention(
+        &self,
+        layer: usize,
+        queries: &[f32],
+        heads: usize,
+        scale: f32,
+        output: &[f32],
+    ) {
+        self.inner
+            .observe_attention(layer, queries, heads, scale, output);
     }
 }
 

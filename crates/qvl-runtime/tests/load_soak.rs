@@ -145,7 +145,15 @@ fn soak(requests: usize) -> SoakReport {
         // Freed records' pages go back; what stays is the unused tail of
         // the segment each layer's stream writes into (one per layer), so
         // idle usage must stop growing once every stream has one.
-        let idle = qvl_core::BlockStore::used_bytes(&store);
+        let mut idle = qvl_core::BlockStore::used_bytes(&store);
+        // A prefetch still running when the request ended holds its
+        // record's pages until it finishes (extents free on their last
+        // drop): let in-flight reads drain before calling pages kept.
+        let drain_until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while i >= 64 && idle > swap_idle_warm && std::time::Instant::now() < drain_until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            idle = qvl_core::BlockStore::used_bytes(&store);
+        }
         if i < 64 {
             swap_idle_warm = swap_idle_warm.max(idle);
         } else {
