@@ -234,7 +234,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         "throughput": "throughput_ratio is the median over step pairs of (all-in-RAM step seconds / swapping step seconds): the two steps of a pair run back to back, so load bursts of the shared machine hit both; tokens/s of totals and medians are beside it",
         "bandwidth": "swap-in: bytes over the union of the times its reads were in flight; baseline (sequential_mb_s): a file as long as the KV read sequentially with O_DIRECT in 1 MiB requests, max_inflight in flight, over its wall time, while a third all-in-RAM cache decodes one step (untimed) after each pair, so that the decode's CPU load delays the baseline's reads as it delays swap-in; sequential_idle_mb_s: the same between steps, with the CPU idle",
         "page_cache": "swap file and baseline read with O_DIRECT (a virtual disk may still be cached by its host, which affects both alike: same disk, similar file sizes)",
-        "swap_io_cpu": "CPU seconds of the store's I/O threads (read, checksum, conversion), from /proc/self/task",
+        "swap_io_cpu": "CPU seconds of the store's I/O threads (reads; checksums and conversion only of encoded chunks), from /proc/self/task",
+        "verify": "verify_seconds: wall time attention's layer reads spent checking the checksums of landed raw chunks, on the compute threads",
         "ceiling": "throughput_ratio_ceiling_from_disk = all-in-RAM median step / (swap-in bytes per token at the idle sequential rate), at most 1: the best ratio any overlap of I/O and compute can reach on this disk",
     });
     Ok(report)
@@ -334,6 +335,7 @@ struct Measured {
     io_cpu_s: f64,
     stall_s: f64,
     fetch_s: f64,
+    verify_s: f64,
     prefetch_hits: u64,
     demand_reads: u64,
     peak_ram: usize,
@@ -388,6 +390,7 @@ impl Measured {
             "swap_io_cpu_ms_per_token": self.io_cpu_s * 1e3 / steps as f64,
             "stall_seconds": self.stall_s,
             "fetch_seconds": self.fetch_s,
+            "verify_seconds": self.verify_s,
             "swap_minus_host_seconds": self.swap_s - self.host_s,
             "prefetch_hits": self.prefetch_hits,
             "demand_reads": self.demand_reads,
@@ -589,6 +592,7 @@ fn measure(
         io_cpu_s,
         stall_s: after.stall_secs - before.stall_secs,
         fetch_s: after.fetch_secs - before.fetch_secs,
+        verify_s: after.verify_secs - before.verify_secs,
         prefetch_hits: after.prefetch_hits - before.prefetch_hits,
         demand_reads: after.demand_reads - before.demand_reads,
         peak_ram: after.peak_ram_bytes,

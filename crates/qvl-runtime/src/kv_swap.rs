@@ -36,9 +36,17 @@
 //!   pooled buffer of the store, and attention gets views into it
 //!   ([`SsdStore::read_many_landed`]), kept alive until the next `&mut
 //!   self` call (the next write, when every view is gone).
-//! - Every chunk read back is verified (header, key, generation, XXH3);
-//!   a failure is a [`ModelError::KvCache`] naming the block and the swap
-//!   file, which fails the request: wrong KV is never returned.
+//! - Every chunk read back is verified (header, key, generation,
+//!   checksum) before anything reads it; a failure is a
+//!   [`ModelError::KvCache`] naming the block and the swap file, which
+//!   fails the request: wrong KV is never returned. Raw chunks are
+//!   verified by attention's layer read ([`KvBlockStorage::read_layer`]),
+//!   the whole layer at once on the compute threads, not on the I/O
+//!   threads: decode keeps every core busy, and checksums run on I/O
+//!   threads would take cores from it at random moments, over bytes that
+//!   attention would then read again from memory; right before attention
+//!   they cost the same cycles, and leave the bytes in cache for it.
+//!   Encoded chunks are verified and decoded on the I/O threads.
 //!
 //! Memory outside the budget: attention collects one layer's views of all
 //! blocks before it computes, so the buffers lent for that layer live as
@@ -55,9 +63,10 @@ use qvl_core::{
 use qvl_model::kv::{KvBlockId, KvBlockStorage, KvLayerView, KvLayout};
 use qvl_model::{ModelError, Result};
 use qvl_swap::{
-    policy_for, Decoder, LandedRead, LandedRecord, LandedTicket, SsdStore, StoreStats, SwapConfig,
-    SwapError, Ticket, MAX_MERGED_READ,
+    policy_for, Decoder, LandedRead, LandedRecord, LandedTicket, LandedUnverified, SsdStore,
+    StoreStats, SwapConfig, SwapError, Ticket, MAX_MERGED_READ,
 };
+use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,11 +76,15 @@ use std::time::Instant;
 /// Keys and values of one layer of one block.
 type Chunk = (Vec<f32>, Vec<f32>);
 
+/// Landed chunks one compute thread verifies at a time: enough bytes
+/// (a few hundred KiB) that a task outweighs its scheduling.
+const VERIFY_CHUNKS_PER_TASK: usize = 8;
+
 /// A chunk read back: in place in the buffer its read landed in (raw f32,
-/// lent to attention without a copy), or decoded into vectors (through a
-/// codec, on the I/O thread).
+/// lent to attention without a copy once verified), or decoded into
+/// vectors (through a codec, verified and decoded on the I/O thread).
 enum Fetched {
-    Landed(LandedRecord),
+    Landed(LandedUnverified),
     Decoded(Chunk),
 }
 
@@ -112,6 +125,9 @@ pub struct KvSwapStats {
     /// Seconds spent serving reads of swapped chunks on the caller's
     /// thread, waits included (planning, queueing, taking staged chunks).
     pub fetch_secs: f64,
+    /// Seconds attention's layer reads spent verifying landed chunks on
+    /// the compute threads (wall time, all threads at once).
+    pub verify_secs: f64,
     /// Chunk reads lent to attention in place (no copy).
     pub lent_chunks: u64,
     /// Chunk reads copied out instead (codec, or the lent set was full).
@@ -193,6 +209,7 @@ struct Counters {
     demand_reads: AtomicU64,
     stall_ns: AtomicU64,
     fetch_ns: AtomicU64,
+    verify_ns: AtomicU64,
     lent_chunks: AtomicU64,
     copied_chunks: AtomicU64,
 }
@@ -220,6 +237,7 @@ impl KvSwapMonitor {
             demand_reads: get(&c.demand_reads),
             stall_secs: get(&c.stall_ns) as f64 * 1e-9,
             fetch_secs: get(&c.fetch_ns) as f64 * 1e-9,
+            verify_secs: get(&c.verify_ns) as f64 * 1e-9,
             lent_chunks: get(&c.lent_chunks),
             copied_chunks: get(&c.copied_chunks),
             store: self.store.stats(),
@@ -860,6 +878,12 @@ impl SwappingKvStorage {
         })
     }
 
+    /// Checks a landed chunk (see [`LandedUnverified::verify`]).
+    fn verify(&self, index: usize, layer: usize, rec: LandedUnverified) -> Result<LandedRecord> {
+        rec.verify()
+            .map_err(|e| swap_err(&format!("reading KV block {index} layer {layer} back"), e))
+    }
+
     /// Copies (or decodes) a landed chunk into vectors.
     fn decode_landed(&self, index: usize, layer: usize, rec: &LandedRecord) -> Result<Chunk> {
         let meta = TensorMeta::new(
@@ -906,7 +930,10 @@ impl SwappingKvStorage {
         for layer in 0..l.layers {
             let (k, v) = match self.fetch_chunk(index, uid, layer)? {
                 Fetched::Decoded(chunk) => chunk,
-                Fetched::Landed(rec) => self.decode_landed(index, layer, &rec)?,
+                Fetched::Landed(rec) => {
+                    let rec = self.verify(index, layer, rec)?;
+                    self.decode_landed(index, layer, &rec)?
+                }
             };
             let base = layer * l.layer_floats();
             data[base..base + k.len()].copy_from_slice(&k);
@@ -1042,6 +1069,7 @@ impl KvBlockStorage for SwappingKvStorage {
         let (keys, values) = match self.fetch_chunk(index, slot.uid, layer)? {
             Fetched::Decoded(chunk) => chunk,
             Fetched::Landed(rec) => {
+                let rec = self.verify(index, layer, rec)?;
                 if let Some(view) = self.lend(&rec) {
                     return Ok(view);
                 }
@@ -1085,25 +1113,47 @@ impl KvBlockStorage for SwappingKvStorage {
         }
         if !swapped.is_empty() {
             let chunks: Vec<(usize, u64)> = swapped.iter().map(|&(_, c)| c).collect();
+            // Raw chunks landed in place, still to be verified.
+            let mut landed = Vec::with_capacity(chunks.len());
             self.fetch_chunks(&chunks, layer, |n, fetched| {
                 let (at, (index, _)) = swapped[n];
-                let view = match fetched {
-                    Fetched::Decoded(chunk) => chunk,
-                    Fetched::Landed(rec) => {
-                        if let Some(view) = self.lend(&rec) {
-                            views[at] = Some(view);
-                            return Ok(());
-                        }
-                        self.decode_landed(index, layer, &rec)?
+                match fetched {
+                    Fetched::Landed(rec) => landed.push((at, index, rec)),
+                    Fetched::Decoded((keys, values)) => {
+                        self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
+                        views[at] = Some(KvLayerView {
+                            keys: Cow::Owned(keys),
+                            values: Cow::Owned(values),
+                        });
                     }
-                };
-                self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
-                views[at] = Some(KvLayerView {
-                    keys: Cow::Owned(view.0),
-                    values: Cow::Owned(view.1),
-                });
+                }
                 Ok(())
             })?;
+            // The checksums of the whole layer, on the compute threads, just
+            // before attention reads the same bytes (see `LandedUnverified`).
+            let started = Instant::now();
+            let checked: Vec<(usize, usize, Result<LandedRecord>)> = landed
+                .into_par_iter()
+                .with_min_len(VERIFY_CHUNKS_PER_TASK)
+                .map(|(at, index, rec)| (at, index, self.verify(index, layer, rec)))
+                .collect();
+            self.counters
+                .verify_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            for (at, index, rec) in checked {
+                let rec = rec?;
+                views[at] = Some(match self.lend(&rec) {
+                    Some(view) => view,
+                    None => {
+                        let (keys, values) = self.decode_landed(index, layer, &rec)?;
+                        self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
+                        KvLayerView {
+                            keys: Cow::Owned(keys),
+                            values: Cow::Owned(values),
+                        }
+                    }
+                });
+            }
         }
         views
             .into_iter()
@@ -1305,9 +1355,20 @@ mod tests {
             err.contains(&s.store().path().display().to_string()),
             "{err}"
         );
+        // Attention's layer read (verified on the compute threads) fails
+        // the same way, every time, whether or not the chunk was prefetched.
+        for _ in 0..2 {
+            let err = match s.read_layer(&ids, 1) {
+                Ok(_) => panic!("corrupt data was returned to a layer read"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains("block 0 layer 1"), "{err}");
+            assert!(err.contains("checksum mismatch"), "{err}");
+        }
         // Other layers of the block are intact.
         let v = s.read(victim, 0).unwrap();
         assert!(v.keys.iter().all(|&x| x == 0.0));
+        assert_eq!(s.read_layer(&ids, 0).unwrap().len(), ids.len());
     }
 
     #[test]

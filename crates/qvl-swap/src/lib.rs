@@ -36,8 +36,8 @@ pub use error::{Result, SwapError};
 pub use file::{ActiveIo, FaultPlan};
 pub use policy::policy_for;
 pub use store::{
-    DecodeFn, Decoder, LandedRead, LandedRecord, LandedTicket, SsdStore, StoreStats,
-    MAX_MERGED_READ,
+    DecodeFn, Decoder, LandedRead, LandedRecord, LandedTicket, LandedUnverified, SsdStore,
+    StoreStats, MAX_MERGED_READ,
 };
 
 #[cfg(doctest)]

@@ -167,10 +167,66 @@ impl LandedRecord {
     }
 }
 
+/// A record of [`SsdStore::read_many_landed`], in its read buffer but not
+/// yet checked: its payload is reachable only through
+/// [`LandedUnverified::verify`]. The I/O threads only read; the caller
+/// checks where it is about to use the bytes. A caller whose compute keeps
+/// every core busy can then spread the checksums over its own worker
+/// threads, right before the bytes are used (so they are in cache for it),
+/// instead of having I/O threads compete with its compute for the cores.
+pub struct LandedUnverified {
+    read: Arc<LandedRead>,
+    /// The record's bytes in the buffer: `start..end`.
+    start: usize,
+    end: usize,
+    entry: Entry,
+    inner: Arc<Inner>,
+}
+
+impl LandedUnverified {
+    /// Checks the record (header or index fields, length, checksum) and
+    /// gives its payload in place, or [`SwapError::Corrupt`] naming the
+    /// key, the swap file and the offset (counted in
+    /// [`StoreStats::integrity_failures`]).
+    pub fn verify(self) -> Result<LandedRecord> {
+        let bytes = &self.read.bytes()[self.start..self.end];
+        match self.entry.verify(bytes) {
+            Ok(payload) => Ok(LandedRecord {
+                start: self.start + (payload.as_ptr() as usize - bytes.as_ptr() as usize),
+                len: payload.len(),
+                codec: self.entry.header.codec,
+                read: self.read,
+            }),
+            Err(reason) => {
+                self.inner
+                    .integrity_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(SwapError::Corrupt {
+                    key: self.entry.header.key,
+                    path: self.inner.file.path().to_path_buf(),
+                    offset: self.entry.extent.offset(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Bytes the check will cover (for callers that balance the checks
+    /// over threads).
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Whether the record holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
 /// The results of one (merged) read, filled once by the I/O thread: one
 /// wake-up per read instead of one per record.
 struct RunSlot {
-    results: Mutex<Option<Vec<Option<Result<LandedRecord>>>>>,
+    results: Mutex<Option<Vec<Option<Result<LandedUnverified>>>>>,
     done: Condvar,
 }
 
@@ -182,8 +238,8 @@ pub struct LandedTicket {
 
 impl LandedTicket {
     /// Blocks until the read holding this record is done and returns the
-    /// record or the read's error.
-    pub fn wait(self) -> Result<LandedRecord> {
+    /// record, still to be verified, or the read's error.
+    pub fn wait(self) -> Result<LandedUnverified> {
         let mut results = lock(&self.slot.results);
         loop {
             if let Some(v) = results.as_mut() {
@@ -210,7 +266,7 @@ struct RunCompleter {
 }
 
 impl RunCompleter {
-    fn complete(&self, results: Vec<Result<LandedRecord>>) {
+    fn complete(&self, results: Vec<Result<LandedUnverified>>) {
         *lock(&self.slot.results) = Some(results.into_iter().map(Some).collect());
         self.slot.done.notify_all();
     }
@@ -565,10 +621,11 @@ impl SsdStore {
 
     /// Reads `keys` like [`SsdStore::read_many_async`], into pooled,
     /// page-aligned (huge-page backed where the kernel allows) buffers that
-    /// are lent, not copied: each ticket gives the verified payload in
-    /// place in the buffer of its (merged) read. The I/O threads only read
-    /// and verify, and wake the waiter once per read; the buffer goes back
-    /// to the pool when the last [`LandedRecord`] of it is dropped.
+    /// are lent, not copied: each ticket gives the record in place in the
+    /// buffer of its (merged) read, as a [`LandedUnverified`] whose payload
+    /// only [`LandedUnverified::verify`] hands out. The I/O threads only
+    /// read, and wake the waiter once per read; the buffer goes back to the
+    /// pool when the last record of it is dropped.
     pub fn read_many_landed(&self, keys: &[BlockKey], urgent: bool) -> Vec<Option<LandedTicket>> {
         let (places, runs) = self.plan_runs(keys);
         let mut slots = Vec::with_capacity(runs.len());
@@ -789,9 +846,13 @@ fn fail_all<T>(inner: &Inner, items: Vec<(Entry, SyncSender<Result<T>>)>, e: Swa
     }
 }
 
-/// Reads a run of neighbouring records into one pooled buffer, verifies
-/// each, and returns each payload in place (no copy), in run order.
-fn read_run_landed(inner: &Inner, run: Vec<Entry>, clock: &IoClock) -> Vec<Result<LandedRecord>> {
+/// Reads a run of neighbouring records into one pooled buffer and returns
+/// each record in place (no copy), in run order, for its reader to verify.
+fn read_run_landed(
+    inner: &Arc<Inner>,
+    run: Vec<Entry>,
+    clock: &IoClock,
+) -> Vec<Result<LandedUnverified>> {
     let Some(first) = run.first().map(|e| e.extent.offset()) else {
         return Vec::new();
     };
@@ -851,31 +912,19 @@ fn read_run_landed(inner: &Inner, run: Vec<Entry>, clock: &IoClock) -> Vec<Resul
         buf: Some(buf),
         pool: Arc::clone(&inner.read_bufs),
     });
-    let bytes = landed.bytes();
     inner
         .blocks_read
         .fetch_add(run.len() as u64, Ordering::Relaxed);
-    run.iter()
+    run.into_iter()
         .map(|entry| {
-            let at = (entry.extent.offset() - first) as usize;
-            let end = (at + entry.extent.byte_len()).min(len);
-            match entry.verify(&bytes[at..end]) {
-                Ok(payload) => Ok(LandedRecord {
-                    read: Arc::clone(&landed),
-                    start: at + (payload.as_ptr() as usize - bytes[at..].as_ptr() as usize),
-                    len: payload.len(),
-                    codec: entry.header.codec,
-                }),
-                Err(reason) => {
-                    inner.integrity_failures.fetch_add(1, Ordering::Relaxed);
-                    Err(SwapError::Corrupt {
-                        key: entry.header.key,
-                        path: inner.file.path().to_path_buf(),
-                        offset: entry.extent.offset(),
-                        reason,
-                    })
-                }
-            }
+            let start = (entry.extent.offset() - first) as usize;
+            Ok(LandedUnverified {
+                read: Arc::clone(&landed),
+                start,
+                end: (start + entry.extent.byte_len()).min(len),
+                entry,
+                inner: Arc::clone(inner),
+            })
         })
         .collect()
 }

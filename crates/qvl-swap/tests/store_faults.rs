@@ -416,7 +416,7 @@ fn landed_reads_lend_neighbours_one_buffer_and_a_bad_one_fails_alone() {
         for (t, key) in tickets.into_iter().zip(&keys) {
             let Some(t) = t else { continue };
             let want = written.iter().find(|(_, b)| b.key == *key).unwrap();
-            match t.wait() {
+            match t.wait().and_then(|r| r.verify()) {
                 Ok(rec) => {
                     assert_ne!(*key, bad, "{mode:?}: damaged bytes were returned");
                     assert_eq!(rec.payload(), &want.1.data[..]);
@@ -443,7 +443,7 @@ fn landed_reads_lend_neighbours_one_buffer_and_a_bad_one_fails_alone() {
         // More reads while the buffer is lent do not disturb it.
         let again = store.read_many_landed(&keys[..2], true);
         for t in again.into_iter().flatten() {
-            t.wait().unwrap();
+            t.wait().unwrap().verify().unwrap();
         }
         assert_eq!(held[0].payload(), &written[0].1.data[..]);
     }
