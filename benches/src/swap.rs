@@ -23,6 +23,15 @@
 //! Page cache: the swap file and the baseline file are both read with
 //! O_DIRECT (the report says which I/O path the store got).
 //!
+//! Checksum: the swap format's CRC-32C (on this build's path: SSE4.2 in
+//! three lanes, or the table fallback) against XXH3-64 (what format v1
+//! used), on cache-cold bytes as the I/O threads see them: one buffer of
+//! 256 MiB (quick: 64 MiB) filled once, then hashed in 1 MiB pieces walking
+//! forward, so each piece was last touched a whole buffer ago; the hashes
+//! alternate over several rounds (the order flipping each round) and the
+//! medians are compared. Hot rates (one 1 MiB piece hashed repeatedly) and
+//! the software CRC are in the details.
+//!
 //! The context is filled with synthetic keys and values (deterministic
 //! random numbers) rather than by a prefill of the prompt: a prefill of
 //! this length would take minutes on two cores and measures nothing this
@@ -146,6 +155,9 @@ impl Sweep {
 /// Runs the benchmark.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let swap_dir = opts.out_dir.join("swap-space");
+    // First, while the machine is otherwise idle and before the decoders
+    // take their memory.
+    let sums = checksum_rates(opts.quick);
     // Budgets: all in RAM (the full size plus the prefetch window, so that
     // nothing is swapped), 1/2, 1/4, 1/8 of the context's KV.
     let divisors: &[usize] = &[1, 2, 4, 8];
@@ -203,6 +215,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     };
 
     let mut report = BenchReport::new("swap");
+    report.criteria.push(Criterion::higher_is_better(
+        format!(
+            "checksum: CRC-32C (this build's path: {}) vs XXH3-64 (xxhash-rust), GB/s over cache-cold data",
+            qvl_swap::crc32c::implementation()
+        ),
+        "GB/s, median of walks over the buffer in 1 MiB pieces",
+        sums.crc_cold,
+        sums.xxh3_cold,
+        1.0,
+    ));
     for s in std::iter::once(&shaped).chain(smol.as_ref()) {
         let m = s.at(8)?;
         report.criteria.push(Criterion::higher_is_better(
@@ -225,6 +247,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         0.80,
     ));
     report.details = serde_json::json!({
+        "checksum": sums.json(),
         "sweeps": std::iter::once(&shaped).chain(smol.as_ref()).map(Sweep::json).collect::<Vec<_>>(),
         "skipped": smol_note,
         "block_tokens": BLOCK_TOKENS,
@@ -239,6 +262,115 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         "ceiling": "throughput_ratio_ceiling_from_disk = all-in-RAM median step / (swap-in bytes per token at the idle sequential rate), at most 1: the best ratio any overlap of I/O and compute can reach on this disk",
     });
     Ok(report)
+}
+
+/// Hash rates in GB/s of the swap checksum and its baseline.
+struct ChecksumRates {
+    buffer_bytes: usize,
+    rounds: usize,
+    crc_cold: f64,
+    crc_sw_cold: f64,
+    xxh3_cold: f64,
+    crc_hot: f64,
+    crc_sw_hot: f64,
+    xxh3_hot: f64,
+}
+
+impl ChecksumRates {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "crc32c_path": qvl_swap::crc32c::implementation(),
+            "buffer_bytes": self.buffer_bytes,
+            "piece_bytes": CHECKSUM_PIECE,
+            "rounds": self.rounds,
+            "cold_gb_s": {
+                "crc32c": self.crc_cold,
+                "crc32c_software": self.crc_sw_cold,
+                "xxh3_64": self.xxh3_cold,
+            },
+            "hot_gb_s": {
+                "crc32c": self.crc_hot,
+                "crc32c_software": self.crc_sw_hot,
+                "xxh3_64": self.xxh3_hot,
+            },
+            "ratio_cold_crc32c_over_xxh3": self.crc_cold / self.xxh3_cold.max(1e-9),
+            "method": "cold: the buffer is filled once, then each hash walks it forward in 1 MiB pieces (each piece last touched a whole buffer earlier), the three hashes alternating with the order flipped each round; hot: one 1 MiB piece hashed 64 times after a warm-up; medians over rounds; the checksum values are consumed so nothing is optimized away",
+        })
+    }
+}
+
+/// The piece the checksum benchmark hashes at a time: the store's longest
+/// merged read.
+const CHECKSUM_PIECE: usize = 1 << 20;
+
+/// Measures [`ChecksumRates`].
+fn checksum_rates(quick: bool) -> ChecksumRates {
+    use qvl_swap::crc32c::{crc32c, crc32c_software};
+    use std::hint::black_box;
+    use xxhash_rust::xxh3::xxh3_64;
+
+    let (bytes, rounds) = if quick { (64 << 20, 5) } else { (256 << 20, 9) };
+    let mut buf = vec![0u8; bytes];
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    for w in buf.chunks_exact_mut(8) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        w.copy_from_slice(&s.to_le_bytes());
+    }
+    let hashes: [fn(&[u8]) -> u64; 3] = [
+        |d| u64::from(crc32c(d)),
+        |d| u64::from(crc32c_software(d)),
+        xxh3_64,
+    ];
+    // GB/s of one hash walking the whole buffer.
+    let walk = |h: fn(&[u8]) -> u64| {
+        let t = Instant::now();
+        let mut acc = 0u64;
+        for piece in buf.chunks(CHECKSUM_PIECE) {
+            acc ^= h(black_box(piece));
+        }
+        black_box(acc);
+        bytes as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    // GB/s of one hash over the same piece, in cache.
+    let hot = |h: fn(&[u8]) -> u64| {
+        let piece = &buf[..CHECKSUM_PIECE];
+        let mut acc = h(piece);
+        let reps = 64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            acc ^= h(black_box(piece));
+        }
+        black_box(acc);
+        (reps * CHECKSUM_PIECE) as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    let mut cold: [Vec<f64>; 3] = Default::default();
+    let mut warm: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds {
+        let mut order = [0, 1, 2];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            cold[i].push(walk(hashes[i]));
+        }
+        for i in order {
+            warm[i].push(hot(hashes[i]));
+        }
+    }
+    let [c0, c1, c2] = &mut cold;
+    let [w0, w1, w2] = &mut warm;
+    ChecksumRates {
+        buffer_bytes: bytes,
+        rounds,
+        crc_cold: median(c0),
+        crc_sw_cold: median(c1),
+        xxh3_cold: median(c2),
+        crc_hot: median(w0),
+        crc_sw_hot: median(w1),
+        xxh3_hot: median(w2),
+    }
 }
 
 /// Every budget for one model: the context filled afresh for each.

@@ -6,7 +6,7 @@
 //!
 //! - [`SsdStore`] is the SSD tier's [`qvl_core::BlockStore`]: one
 //!   preallocated file in a private directory (see [`file`] for why one file
-//!   and not a file per block), records with a header and an XXH3 checksum
+//!   and not a file per block), records with a header and a CRC-32C checksum
 //!   verified on every read, O_DIRECT where the file system allows it,
 //!   buffered or memory-mapped reads otherwise, and reads on a bounded pool
 //!   of I/O threads ([`engine`]) with a latency controller.
@@ -20,6 +20,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
+pub mod crc32c;
 pub mod dir;
 pub mod engine;
 mod error;
