@@ -294,6 +294,7 @@ impl ChecksumRates {
                 "xxh3_64": self.xxh3_hot,
             },
             "ratio_cold_crc32c_over_xxh3": self.crc_cold / self.xxh3_cold.max(1e-9),
+            "profile": "xxhash-rust is built with the profile's debug assertions (the ci profile has them on), which slow it much more than the CRC; compare release builds for production rates",
             "method": "cold: the buffer is filled once, then each hash walks it forward in 1 MiB pieces (each piece last touched a whole buffer earlier), the three hashes alternating with the order flipped each round; hot: one 1 MiB piece hashed 64 times after a warm-up; medians over rounds; the checksum values are consumed so nothing is optimized away",
         })
     }
