@@ -16,7 +16,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-type Job = Box<dyn FnOnce(&IoClock) + Send>;
+/// A queued operation.
+pub type Job = Box<dyn FnOnce(&IoClock) + Send>;
 
 /// The result of an asynchronous operation, to wait for.
 pub struct Ticket<T> {
@@ -217,6 +218,33 @@ impl IoEngine {
         true
     }
 
+    /// Queues several jobs at once (prefetch reads planned together) and
+    /// wakes one worker; each worker that takes a job wakes the next while
+    /// jobs are left. So the caller pays for one wake-up, however many jobs:
+    /// waking a sleeping thread on another core costs an inter-processor
+    /// interrupt (a VM exit under a hypervisor), and the caller is the
+    /// decode loop. Returns false when the engine stopped.
+    pub fn submit_jobs(&self, urgent: bool, jobs: Vec<Job>) -> bool {
+        if jobs.is_empty() {
+            return true;
+        }
+        {
+            let mut q = lock(&self.shared.queue);
+            if q.1 {
+                return false;
+            }
+            if urgent {
+                for job in jobs.into_iter().rev() {
+                    q.0.push_front(job);
+                }
+            } else {
+                q.0.extend(jobs);
+            }
+        }
+        self.shared.queue_cv.notify_one();
+        true
+    }
+
     /// Queues `op`; `urgent` ops (a caller is blocked on them) go first.
     pub fn submit<T: Send + 'static>(
         &self,
@@ -293,6 +321,10 @@ fn worker(s: Arc<Shared>) {
             let mut q = lock(&s.queue);
             loop {
                 if let Some(job) = q.0.pop_front() {
+                    if !q.0.is_empty() {
+                        // Chained wake-up (see `submit_jobs`).
+                        s.queue_cv.notify_one();
+                    }
                     break job;
                 }
                 if q.1 {

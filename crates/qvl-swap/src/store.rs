@@ -3,7 +3,7 @@
 
 use crate::config::SwapConfig;
 use crate::dir::{clean_stale_files, prepare_directory};
-use crate::engine::{EngineSnapshot, IoClock, IoEngine, Ticket};
+use crate::engine::{EngineSnapshot, IoClock, IoEngine, Job, Ticket};
 use crate::error::{Result, SwapError};
 use crate::extent::{lock, Extent, ExtentAllocator};
 use crate::file::{ActiveIo, FaultPlan, SwapFile};
@@ -629,6 +629,7 @@ impl SsdStore {
     pub fn read_many_landed(&self, keys: &[BlockKey], urgent: bool) -> Vec<Option<LandedTicket>> {
         let (places, runs) = self.plan_runs(keys);
         let mut slots = Vec::with_capacity(runs.len());
+        let mut jobs: Vec<Job> = Vec::with_capacity(runs.len());
         for run in runs {
             let slot = Arc::new(RunSlot {
                 results: Mutex::new(None),
@@ -640,12 +641,13 @@ impl SsdStore {
                 records: run.len(),
             };
             let inner = Arc::clone(&self.inner);
-            // A stopped engine drops the job, and with it the completer,
-            // which fails the tickets.
-            self.inner.engine.submit_job(urgent, move |clock| {
+            jobs.push(Box::new(move |clock: &IoClock| {
                 completer.complete(read_run_landed(&inner, run, clock));
-            });
+            }));
         }
+        // A stopped engine drops the jobs, and with them the completers,
+        // which fail the tickets.
+        self.inner.engine.submit_jobs(urgent, jobs);
         places
             .into_iter()
             .map(|p| {
