@@ -100,10 +100,10 @@ impl KvLayout {
     pub fn layer_view<'a>(&self, block: &'a [f32], layer: usize) -> KvLayerView<'a> {
         let base = layer * self.layer_floats();
         let half = self.block_tokens * self.token_width();
-        KvLayerView {
-            keys: Cow::Borrowed(&block[base..base + half]),
-            values: Cow::Borrowed(&block[base + half..base + 2 * half]),
-        }
+        KvLayerView::new(
+            Cow::Borrowed(&block[base..base + half]),
+            Cow::Borrowed(&block[base + half..base + 2 * half]),
+        )
     }
 }
 
@@ -118,6 +118,32 @@ pub struct KvLayerView<'a> {
     pub keys: Cow<'a, [f32]>,
     /// Values.
     pub values: Cow<'a, [f32]>,
+    /// A check the bytes must pass before anything computed from them is
+    /// used (a checksum of bytes read back from disk), or None. Attention
+    /// runs it right before it reads the block ([`KvLayerView::verify`]),
+    /// so that the check streams the bytes into cache for the compute that
+    /// follows instead of making a pass of its own over memory; an error
+    /// fails the attention call.
+    pub check: Option<KvCheck<'a>>,
+}
+
+/// See [`KvLayerView::check`].
+pub type KvCheck<'a> = Box<dyn Fn() -> Result<()> + Send + Sync + 'a>;
+
+impl<'a> KvLayerView<'a> {
+    /// A view with nothing to check.
+    pub fn new(keys: Cow<'a, [f32]>, values: Cow<'a, [f32]>) -> Self {
+        KvLayerView {
+            keys,
+            values,
+            check: None,
+        }
+    }
+
+    /// Runs the view's check, if any.
+    pub fn verify(&self) -> Result<()> {
+        self.check.as_ref().map_or(Ok(()), |check| check())
+    }
 }
 
 /// Where blocks live and in which format.
@@ -170,6 +196,109 @@ pub trait KvBlockStorage: Send + Sync {
         _output: &[f32],
     ) {
     }
+}
+
+/// Tokens of context one task of single-query attention covers: ranges are
+/// fixed by position, not by the number of threads, so the result (its
+/// rounding) does not depend on the machine.
+const DECODE_TOKENS_PER_TASK: usize = 128;
+
+/// A running softmax-weighted sum over part of the context, per head.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// Attention of one query (decode) over the first `total` tokens of
+/// `views`, split by block ranges rather than by head: each task checks a
+/// block ([`KvLayerView::verify`]) and runs every head over it while its
+/// bytes are in cache, keeping a running max, sum and weighted sum per
+/// head (flash-decoding); the ranges' partials are merged at the end.
+fn attend_one(
+    l: KvLayout,
+    views: &[KvLayerView<'_>],
+    query: &[f32],
+    heads: usize,
+    scale: f32,
+    total: usize,
+) -> Result<Vec<f32>> {
+    let hd = l.head_dim;
+    let bt = l.block_tokens;
+    let w = l.token_width();
+    let group = heads / l.kv_heads;
+    let used = total.div_ceil(bt).min(views.len());
+    let per_task = (DECODE_TOKENS_PER_TASK / bt).max(1);
+    let partials = views[..used]
+        .par_chunks(per_task)
+        .enumerate()
+        .map(|(r, range)| -> Result<Partial> {
+            let mut p = Partial {
+                max: vec![f32::NEG_INFINITY; heads],
+                sum: vec![0f32; heads],
+                acc: vec![0f32; heads * hd],
+            };
+            let mut scores = [0f32; 64];
+            for (j, view) in range.iter().enumerate() {
+                view.verify()?;
+                let start = (r * per_task + j) * bt;
+                let count = (total - start).min(bt);
+                for h in 0..heads {
+                    let kv = (h / group) * hd;
+                    let q = &query[h * hd..(h + 1) * hd];
+                    let o = &mut p.acc[h * hd..(h + 1) * hd];
+                    let (mut max, mut sum) = (p.max[h], p.sum[h]);
+                    let mut done = 0;
+                    // Scores in chunks so the buffer stays on the stack whatever the block size.
+                    while done < count {
+                        let c = (count - done).min(scores.len());
+                        let mut cmax = f32::NEG_INFINITY;
+                        for (t, score) in scores[..c].iter_mut().enumerate() {
+                            let at = (done + t) * w + kv;
+                            *score = dot(q, &view.keys[at..at + hd]) * scale;
+                            cmax = cmax.max(*score);
+                        }
+                        let new_max = max.max(cmax);
+                        let corr = (max - new_max).exp();
+                        sum *= corr;
+                        o.iter_mut().for_each(|v| *v *= corr);
+                        for (t, score) in scores[..c].iter().enumerate() {
+                            let at = (done + t) * w + kv;
+                            let e = (score - new_max).exp();
+                            sum += e;
+                            for (ov, vv) in o.iter_mut().zip(&view.values[at..at + hd]) {
+                                *ov += e * vv;
+                            }
+                        }
+                        max = new_max;
+                        done += c;
+                    }
+                    p.max[h] = max;
+                    p.sum[h] = sum;
+                }
+            }
+            Ok(p)
+        })
+        .collect::<Result<Vec<Partial>>>()?;
+    let mut out = vec![0f32; heads * hd];
+    for h in 0..heads {
+        let max = partials
+            .iter()
+            .map(|p| p.max[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * hd..(h + 1) * hd];
+        let mut sum = 0f32;
+        for p in &partials {
+            let f = (p.max[h] - max).exp();
+            sum += p.sum[h] * f;
+            for (ov, pv) in o.iter_mut().zip(&p.acc[h * hd..(h + 1) * hd]) {
+                *ov += pv * f;
+            }
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
+    Ok(out)
 }
 
 /// f32 blocks in host RAM, reused through a free list.
@@ -394,6 +523,13 @@ impl PagedKvCache {
         let group = heads / l.kv_heads;
         let first = total - n;
         let views = self.storage.read_layer(&self.table, layer)?;
+        if n == 1 {
+            let out = attend_one(l, &views, queries, heads, scale, total)?;
+            self.storage
+                .observe_attention(layer, queries, heads, scale, &out);
+            return Ok(out);
+        }
+        views.par_iter().try_for_each(KvLayerView::verify)?;
         let w = l.token_width();
         let mut out = vec![0f32; n * heads * hd];
         out.par_chunks_mut(hd).enumerate().for_each(|(qh, o)| {
@@ -575,6 +711,123 @@ mod tests {
             }
         }
         o
+    }
+
+    /// Fills a cache of block size `bt` with `n` tokens of 2 layers.
+    fn filled(bt: usize, n: usize, keys: &[f32], values: &[f32]) -> PagedKvCache {
+        let w = 8;
+        let mut cache = PagedKvCache::in_memory(layout(bt));
+        cache.reserve(n).unwrap();
+        for layer in 0..2 {
+            cache
+                .write_layer(layer, &keys[..n * w], &values[..n * w])
+                .unwrap();
+        }
+        cache.commit(&vec![1; n]).unwrap();
+        cache
+    }
+
+    #[test]
+    fn single_query_attention_over_block_ranges_matches_a_plain_softmax() {
+        // Long enough for several ranges of DECODE_TOKENS_PER_TASK tokens.
+        let n = 3 * DECODE_TOKENS_PER_TASK + 37;
+        let w = 8;
+        let keys: Vec<f32> = (0..n * w)
+            .map(|i| ((i * 13) % 7) as f32 * 0.3 - 1.0)
+            .collect();
+        let values: Vec<f32> = (0..n * w).map(|i| ((i * 5) % 11) as f32 * 0.2).collect();
+        let heads = 4;
+        let query: Vec<f32> = (0..heads * 4)
+            .map(|i| ((i * 3) % 5) as f32 * 0.25)
+            .collect();
+        for bt in [1, 3, 16, 64, 200] {
+            let cache = filled(bt, n, &keys, &values);
+            let out = cache.attend(1, &query, heads, 0.5).unwrap();
+            for h in 0..heads {
+                let kvh = h / 2;
+                let ks: Vec<Vec<f32>> = (0..n)
+                    .map(|t| keys[t * w + kvh * 4..t * w + kvh * 4 + 4].to_vec())
+                    .collect();
+                let vs: Vec<Vec<f32>> = (0..n)
+                    .map(|t| values[t * w + kvh * 4..t * w + kvh * 4 + 4].to_vec())
+                    .collect();
+                let want = reference(&query[h * 4..h * 4 + 4], &ks, &vs, 0.5);
+                for (a, b) in out[h * 4..h * 4 + 4].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "bt {bt} h {h}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// Host blocks whose layer reads carry a check that fails for one block.
+    struct FailingCheck {
+        inner: HostKvStorage,
+        bad: KvBlockId,
+    }
+
+    impl KvBlockStorage for FailingCheck {
+        fn layout(&self) -> KvLayout {
+            self.inner.layout()
+        }
+        fn allocate(&mut self) -> Result<KvBlockId> {
+            self.inner.allocate()
+        }
+        fn release(&mut self, id: KvBlockId) -> Result<()> {
+            self.inner.release(id)
+        }
+        fn write(
+            &mut self,
+            id: KvBlockId,
+            layer: usize,
+            slot: usize,
+            keys: &[f32],
+            values: &[f32],
+        ) -> Result<()> {
+            self.inner.write(id, layer, slot, keys, values)
+        }
+        fn read(&self, id: KvBlockId, layer: usize) -> Result<KvLayerView<'_>> {
+            self.inner.read(id, layer)
+        }
+        fn read_layer(&self, ids: &[KvBlockId], layer: usize) -> Result<Vec<KvLayerView<'_>>> {
+            ids.iter()
+                .map(|&id| {
+                    let mut view = self.inner.read(id, layer)?;
+                    let bad = id == self.bad;
+                    view.check = Some(Box::new(move || {
+                        if bad {
+                            Err(ModelError::KvCache(format!("block {} is damaged", id.0)))
+                        } else {
+                            Ok(())
+                        }
+                    }));
+                    Ok(view)
+                })
+                .collect()
+        }
+        fn used_bytes(&self) -> usize {
+            self.inner.used_bytes()
+        }
+    }
+
+    #[test]
+    fn a_failed_check_fails_attention_for_one_query_and_for_many() {
+        let w = 8;
+        let n = 300;
+        let keys: Vec<f32> = (0..n * w).map(|i| (i % 7) as f32 * 0.1).collect();
+        let storage = FailingCheck {
+            inner: HostKvStorage::new(layout(16)),
+            bad: KvBlockId(11),
+        };
+        let mut cache = PagedKvCache::new(Box::new(storage));
+        cache.reserve(n).unwrap();
+        for layer in 0..2 {
+            cache.write_layer(layer, &keys, &keys).unwrap();
+        }
+        cache.commit(&vec![1; n]).unwrap();
+        let one = cache.attend(0, &[0.5; 16], 4, 0.5).unwrap_err().to_string();
+        assert!(one.contains("block 11 is damaged"), "{one}");
+        let many = cache.attend(0, &[0.5; 48], 4, 0.5).unwrap_err().to_string();
+        assert!(many.contains("block 11 is damaged"), "{many}");
     }
 
     #[test]

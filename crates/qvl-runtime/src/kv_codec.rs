@@ -1117,6 +1117,7 @@ impl KvBlockStorage for CodecKvStorage {
             Slab::Open { keys, values } => Ok(KvLayerView {
                 keys: Cow::Borrowed(keys),
                 values: Cow::Borrowed(values),
+                check: None,
             }),
             Slab::Encoded {
                 keys,
@@ -1141,6 +1142,7 @@ impl KvBlockStorage for CodecKvStorage {
                 Ok(KvLayerView {
                     keys: Cow::Owned(decode(keys, sinks.as_ref().map(|s| &s.0), "keys")?),
                     values: Cow::Owned(decode(values, sinks.as_ref().map(|s| &s.1), "values")?),
+                    check: None,
                 })
             }
         }

@@ -39,13 +39,15 @@
 //! - Every chunk read back is verified (header, key, generation,
 //!   checksum) before anything reads it; a failure is a
 //!   [`ModelError::KvCache`] naming the block and the swap file, which
-//!   fails the request: wrong KV is never returned. Raw chunks are
-//!   verified by attention's layer read ([`KvBlockStorage::read_layer`]),
-//!   the whole layer at once on the compute threads, not on the I/O
-//!   threads: decode keeps every core busy, and checksums run on I/O
-//!   threads would take cores from it at random moments, over bytes that
-//!   attention would then read again from memory; right before attention
-//!   they cost the same cycles, and leave the bytes in cache for it.
+//!   fails the request: wrong KV is never returned. Raw chunks of a
+//!   layer read ([`KvBlockStorage::read_layer`], what attention uses) are
+//!   lent unverified, each view carrying its check
+//!   ([`qvl_model::kv::KvLayerView::check`]), which attention runs on its
+//!   compute thread right before it reads that chunk: decode keeps every
+//!   core busy, and checksums on the I/O threads would take cores from it
+//!   at random moments, over bytes that attention then reads from memory a
+//!   second time; run just before the compute, the check streams the bytes
+//!   into cache for it, so the bytes cross the memory bus once.
 //!   Encoded chunks are verified and decoded on the I/O threads.
 //!
 //! Memory outside the budget: attention collects one layer's views of all
@@ -66,7 +68,6 @@ use qvl_swap::{
     policy_for, Decoder, LandedRead, LandedRecord, LandedTicket, LandedUnverified, SsdStore,
     StoreStats, SwapConfig, SwapError, Ticket, MAX_MERGED_READ,
 };
-use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,10 +76,6 @@ use std::time::Instant;
 
 /// Keys and values of one layer of one block.
 type Chunk = (Vec<f32>, Vec<f32>);
-
-/// Landed chunks one compute thread verifies at a time: enough bytes
-/// (a few hundred KiB) that a task outweighs its scheduling.
-const VERIFY_CHUNKS_PER_TASK: usize = 8;
 
 /// A chunk read back: in place in the buffer its read landed in (raw f32,
 /// lent to attention without a copy once verified), or decoded into
@@ -125,8 +122,8 @@ pub struct KvSwapStats {
     /// Seconds spent serving reads of swapped chunks on the caller's
     /// thread, waits included (planning, queueing, taking staged chunks).
     pub fetch_secs: f64,
-    /// Seconds attention's layer reads spent verifying landed chunks on
-    /// the compute threads (wall time, all threads at once).
+    /// Seconds attention spent checking lent chunks right before reading
+    /// them, summed over the compute threads.
     pub verify_secs: f64,
     /// Chunk reads lent to attention in place (no copy).
     pub lent_chunks: u64,
@@ -830,40 +827,85 @@ impl SwappingKvStorage {
         (swapped * self.chunk_bytes()).div_ceil(MAX_MERGED_READ) + 4
     }
 
-    /// A view of a raw chunk in place in its read buffer (no copy): the
-    /// buffer joins `lent` and stays alive and unchanged until the next
-    /// `&mut self` call. None (copy it instead) when the record is not a
-    /// raw f32 chunk of this layout in native byte order, or when the lent
-    /// set is full.
+    /// A view of a verified raw chunk in place in its read buffer (no
+    /// copy); see [`Self::lend_bytes`].
     fn lend(&self, rec: &LandedRecord) -> Option<KvLayerView<'_>> {
+        let (keys, values) = self.lend_bytes(rec.payload(), rec.codec(), rec.buffer())?;
+        Some(KvLayerView::new(Cow::Borrowed(keys), Cow::Borrowed(values)))
+    }
+
+    /// A view of a raw chunk in place in its read buffer, not yet verified:
+    /// the view carries the check ([`KvLayerView::check`]), which attention
+    /// runs right before it reads the chunk. Gives the record back when it
+    /// cannot be lent (see [`Self::lend_bytes`]).
+    fn lend_unverified(
+        &self,
+        index: usize,
+        layer: usize,
+        rec: LandedUnverified,
+    ) -> std::result::Result<KvLayerView<'_>, LandedUnverified> {
+        let Some((keys, values)) = rec
+            .unverified_payload()
+            .and_then(|payload| self.lend_bytes(payload, rec.codec(), rec.buffer()))
+        else {
+            return Err(rec);
+        };
+        let counters = Arc::clone(&self.counters);
+        let check = move || {
+            let started = Instant::now();
+            let checked = rec
+                .check()
+                .map_err(|e| swap_err(&format!("reading KV block {index} layer {layer} back"), e));
+            counters
+                .verify_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            checked
+        };
+        Ok(KvLayerView {
+            keys: Cow::Borrowed(keys),
+            values: Cow::Borrowed(values),
+            check: Some(Box::new(check)),
+        })
+    }
+
+    /// The keys and values of a raw chunk's payload in place in `buffer`
+    /// (no copy): the buffer joins `lent` and stays alive and unchanged
+    /// until the next `&mut self` call. None (copy it instead) when the
+    /// payload is not a raw f32 chunk of this layout in native byte order,
+    /// or when the lent set is full.
+    fn lend_bytes(
+        &self,
+        payload: &[u8],
+        codec: CodecId,
+        buffer: &Arc<LandedRead>,
+    ) -> Option<(&[f32], &[f32])> {
         let half = self.layout.layer_floats() / 2;
-        let payload = rec.payload();
         let native = cfg!(target_endian = "little");
         if !native
-            || rec.codec() != CodecId::RAW
+            || codec != CodecId::RAW
             || payload.len() != 8 * half
             || payload.as_ptr() as usize % std::mem::align_of::<f32>() != 0
         {
             return None;
         }
         let mut lent = lock(&self.lent);
-        let known = lent.last().is_some_and(|b| Arc::ptr_eq(b, rec.buffer()));
+        let known = lent.last().is_some_and(|b| Arc::ptr_eq(b, buffer));
         if !known {
             if lent.len() >= self.lend_cap() {
                 return None;
             }
-            lent.push(Arc::clone(rec.buffer()));
+            lent.push(Arc::clone(buffer));
         }
         drop(lent);
         let ptr = payload.as_ptr().cast::<f32>();
         // SAFETY: `ptr` points to 8 * half bytes (checked above), aligned
-        // for f32 (checked above), inside the heap allocation of a
-        // LandedRead that `self.lent` now holds an Arc of. That Arc leaves
-        // `lent` only through `&mut self` (return_lent) or when self drops,
-        // neither of which can happen while the returned view borrows
-        // `&self`; the buffer is never written once it is shared (a
-        // LandedRead only gives out `&[u8]`). Any 4 bytes are a valid f32,
-        // and on this little-endian target they are the chunk's
+        // for f32 (checked above), inside the heap allocation of the
+        // LandedRead `buffer`, which `self.lent` now holds an Arc of. That
+        // Arc leaves `lent` only through `&mut self` (return_lent) or when
+        // self drops, neither of which can happen while the returned
+        // slices borrow `&self`; the buffer is never written once it is
+        // shared (a LandedRead only gives out `&[u8]`). Any 4 bytes are a
+        // valid f32, and on this little-endian target they are the chunk's
         // little-endian floats.
         let (keys, values) = unsafe {
             (
@@ -872,10 +914,7 @@ impl SwappingKvStorage {
             )
         };
         self.counters.lent_chunks.fetch_add(1, Ordering::Relaxed);
-        Some(KvLayerView {
-            keys: Cow::Borrowed(keys),
-            values: Cow::Borrowed(values),
-        })
+        Some((keys, values))
     }
 
     /// Checks a landed chunk (see [`LandedUnverified::verify`]).
@@ -1080,6 +1119,7 @@ impl KvBlockStorage for SwappingKvStorage {
         Ok(KvLayerView {
             keys: Cow::Owned(keys),
             values: Cow::Owned(values),
+            check: None,
         })
     }
 
@@ -1124,33 +1164,22 @@ impl KvBlockStorage for SwappingKvStorage {
                         views[at] = Some(KvLayerView {
                             keys: Cow::Owned(keys),
                             values: Cow::Owned(values),
+                            check: None,
                         });
                     }
                 }
                 Ok(())
             })?;
-            // The checksums of the whole layer, on the compute threads, just
-            // before attention reads the same bytes (see `LandedUnverified`).
-            let started = Instant::now();
-            let checked: Vec<(usize, usize, Result<LandedRecord>)> = landed
-                .into_par_iter()
-                .with_min_len(VERIFY_CHUNKS_PER_TASK)
-                .map(|(at, index, rec)| (at, index, self.verify(index, layer, rec)))
-                .collect();
-            self.counters
-                .verify_ns
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            for (at, index, rec) in checked {
-                let rec = rec?;
-                views[at] = Some(match self.lend(&rec) {
-                    Some(view) => view,
-                    None => {
+            // Lent unverified, each with its check, which attention runs
+            // right before it reads the chunk (see the module docs).
+            for (at, index, rec) in landed {
+                views[at] = Some(match self.lend_unverified(index, layer, rec) {
+                    Ok(view) => view,
+                    Err(rec) => {
+                        let rec = self.verify(index, layer, rec)?;
                         let (keys, values) = self.decode_landed(index, layer, &rec)?;
                         self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
-                        KvLayerView {
-                            keys: Cow::Owned(keys),
-                            values: Cow::Owned(values),
-                        }
+                        KvLayerView::new(Cow::Owned(keys), Cow::Owned(values))
                     }
                 });
             }
@@ -1355,12 +1384,13 @@ mod tests {
             err.contains(&s.store().path().display().to_string()),
             "{err}"
         );
-        // Attention's layer read (verified on the compute threads) fails
-        // the same way, every time, whether or not the chunk was prefetched.
+        // A layer read lends the chunk with its check, which fails the
+        // same way, every time, whether or not the chunk was prefetched.
         for _ in 0..2 {
-            let err = match s.read_layer(&ids, 1) {
-                Ok(_) => panic!("corrupt data was returned to a layer read"),
-                Err(e) => e.to_string(),
+            let views = s.read_layer(&ids, 1).unwrap();
+            let err = match views.iter().map(KvLayerView::verify).find(Result::is_err) {
+                Some(Err(e)) => e.to_string(),
+                _ => panic!("a corrupt chunk passed its check"),
             };
             assert!(err.contains("block 0 layer 1"), "{err}");
             assert!(err.contains("checksum mismatch"), "{err}");
@@ -1368,7 +1398,9 @@ mod tests {
         // Other layers of the block are intact.
         let v = s.read(victim, 0).unwrap();
         assert!(v.keys.iter().all(|&x| x == 0.0));
-        assert_eq!(s.read_layer(&ids, 0).unwrap().len(), ids.len());
+        let views = s.read_layer(&ids, 0).unwrap();
+        assert_eq!(views.len(), ids.len());
+        assert!(views.iter().all(|v| v.verify().is_ok()));
     }
 
     #[test]
@@ -1413,6 +1445,7 @@ mod tests {
         let v = s.read(ids[0], 2).unwrap();
         assert_eq!(&v.keys[8..16], &[5.0; 8]);
         assert_eq!(&v.values[8..16], &[6.0; 8]);
+        drop(v);
         assert!(s.stats().swap_ins_for_write >= 1);
         for id in ids {
             s.release(id).unwrap();

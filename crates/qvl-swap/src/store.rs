@@ -189,26 +189,65 @@ impl LandedUnverified {
     /// key, the swap file and the offset (counted in
     /// [`StoreStats::integrity_failures`]).
     pub fn verify(self) -> Result<LandedRecord> {
+        let payload = self.checked()?;
+        let start = payload.as_ptr() as usize - self.read.bytes().as_ptr() as usize;
+        let len = payload.len();
+        Ok(LandedRecord {
+            start,
+            len,
+            codec: self.entry.header.codec,
+            read: self.read,
+        })
+    }
+
+    /// Runs the checks of [`LandedUnverified::verify`] in place, leaving
+    /// the record as it is: for a caller that reads
+    /// [`LandedUnverified::unverified_payload`] and checks right before it
+    /// uses anything computed from it.
+    pub fn check(&self) -> Result<()> {
+        self.checked().map(|_| ())
+    }
+
+    /// The checked payload, or the error naming key, file and offset.
+    fn checked(&self) -> Result<&[u8]> {
         let bytes = &self.read.bytes()[self.start..self.end];
-        match self.entry.verify(bytes) {
-            Ok(payload) => Ok(LandedRecord {
-                start: self.start + (payload.as_ptr() as usize - bytes.as_ptr() as usize),
-                len: payload.len(),
-                codec: self.entry.header.codec,
-                read: self.read,
-            }),
-            Err(reason) => {
-                self.inner
-                    .integrity_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                Err(SwapError::Corrupt {
-                    key: self.entry.header.key,
-                    path: self.inner.file.path().to_path_buf(),
-                    offset: self.entry.extent.offset(),
-                    reason,
-                })
+        self.entry.verify(bytes).map_err(|reason| {
+            self.inner
+                .integrity_failures
+                .fetch_add(1, Ordering::Relaxed);
+            SwapError::Corrupt {
+                key: self.entry.header.key,
+                path: self.inner.file.path().to_path_buf(),
+                offset: self.entry.extent.offset(),
+                reason,
             }
-        }
+        })
+    }
+
+    /// Where the payload would be if the record is sound, as read and not
+    /// yet checked (None when the bytes read cannot hold it). Nothing
+    /// computed from it may be used before [`LandedUnverified::check`]
+    /// passes.
+    pub fn unverified_payload(&self) -> Option<&[u8]> {
+        let skip = if self.entry.bare.is_some() {
+            0
+        } else {
+            HEADER_LEN
+        };
+        let from = self.start + skip;
+        let to = from.checked_add(usize::try_from(self.entry.header.payload_len).ok()?)?;
+        (to <= self.end).then(|| &self.read.bytes()[from..to])
+    }
+
+    /// The codec the index says the payload was written with.
+    pub fn codec(&self) -> CodecId {
+        self.entry.header.codec
+    }
+
+    /// The shared buffer the record sits in; keeping a clone keeps
+    /// [`LandedUnverified::unverified_payload`]'s bytes alive and unchanged.
+    pub fn buffer(&self) -> &Arc<LandedRead> {
+        &self.read
     }
 
     /// Bytes the check will cover (for callers that balance the checks
