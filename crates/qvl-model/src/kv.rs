@@ -203,6 +203,65 @@ pub trait KvBlockStorage: Send + Sync {
 /// rounding) does not depend on the machine.
 const DECODE_TOKENS_PER_TASK: usize = 128;
 
+/// The running max and sum of one query head's online softmax; the
+/// weighted sum of values it scales lives beside it (the output row).
+#[derive(Clone, Copy)]
+struct Softmax {
+    max: f32,
+    sum: f32,
+}
+
+impl Softmax {
+    fn new() -> Softmax {
+        Softmax {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+        }
+    }
+
+    /// Adds the first `count` tokens of `view` (the kv head whose channels
+    /// start at `kv`) for query `q`, rescaling `o` as the max grows.
+    #[allow(clippy::too_many_arguments)]
+    fn add_block(
+        &mut self,
+        l: KvLayout,
+        view: &KvLayerView<'_>,
+        q: &[f32],
+        kv: usize,
+        count: usize,
+        scale: f32,
+        o: &mut [f32],
+    ) {
+        let (hd, w) = (l.head_dim, l.token_width());
+        let mut scores = [0f32; 64];
+        let mut done = 0;
+        // Scores in chunks so the buffer stays on the stack whatever the block size.
+        while done < count {
+            let c = (count - done).min(scores.len());
+            let mut cmax = f32::NEG_INFINITY;
+            for (t, score) in scores[..c].iter_mut().enumerate() {
+                let at = (done + t) * w + kv;
+                *score = dot(q, &view.keys[at..at + hd]) * scale;
+                cmax = cmax.max(*score);
+            }
+            let new_max = self.max.max(cmax);
+            let corr = (self.max - new_max).exp();
+            self.sum *= corr;
+            o.iter_mut().for_each(|v| *v *= corr);
+            for (t, score) in scores[..c].iter().enumerate() {
+                let at = (done + t) * w + kv;
+                let e = (score - new_max).exp();
+                self.sum += e;
+                for (ov, vv) in o.iter_mut().zip(&view.values[at..at + hd]) {
+                    *ov += e * vv;
+                }
+            }
+            self.max = new_max;
+            done += c;
+        }
+    }
+}
+
 /// A running softmax-weighted sum over part of the context, per head.
 struct Partial {
     max: Vec<f32>,
@@ -225,7 +284,6 @@ fn attend_one(
 ) -> Result<Vec<f32>> {
     let hd = l.head_dim;
     let bt = l.block_tokens;
-    let w = l.token_width();
     let group = heads / l.kv_heads;
     let used = total.div_ceil(bt).min(views.len());
     let per_task = (DECODE_TOKENS_PER_TASK / bt).max(1);
@@ -238,43 +296,20 @@ fn attend_one(
                 sum: vec![0f32; heads],
                 acc: vec![0f32; heads * hd],
             };
-            let mut scores = [0f32; 64];
             for (j, view) in range.iter().enumerate() {
                 view.verify()?;
                 let start = (r * per_task + j) * bt;
                 let count = (total - start).min(bt);
                 for h in 0..heads {
-                    let kv = (h / group) * hd;
-                    let q = &query[h * hd..(h + 1) * hd];
+                    let mut run = Softmax {
+                        max: p.max[h],
+                        sum: p.sum[h],
+                    };
                     let o = &mut p.acc[h * hd..(h + 1) * hd];
-                    let (mut max, mut sum) = (p.max[h], p.sum[h]);
-                    let mut done = 0;
-                    // Scores in chunks so the buffer stays on the stack whatever the block size.
-                    while done < count {
-                        let c = (count - done).min(scores.len());
-                        let mut cmax = f32::NEG_INFINITY;
-                        for (t, score) in scores[..c].iter_mut().enumerate() {
-                            let at = (done + t) * w + kv;
-                            *score = dot(q, &view.keys[at..at + hd]) * scale;
-                            cmax = cmax.max(*score);
-                        }
-                        let new_max = max.max(cmax);
-                        let corr = (max - new_max).exp();
-                        sum *= corr;
-                        o.iter_mut().for_each(|v| *v *= corr);
-                        for (t, score) in scores[..c].iter().enumerate() {
-                            let at = (done + t) * w + kv;
-                            let e = (score - new_max).exp();
-                            sum += e;
-                            for (ov, vv) in o.iter_mut().zip(&view.values[at..at + hd]) {
-                                *ov += e * vv;
-                            }
-                        }
-                        max = new_max;
-                        done += c;
-                    }
-                    p.max[h] = max;
-                    p.sum[h] = sum;
+                    let q = &query[h * hd..(h + 1) * hd];
+                    run.add_block(l, view, q, (h / group) * hd, count, scale, o);
+                    p.max[h] = run.max;
+                    p.sum[h] = run.sum;
                 }
             }
             Ok(p)
@@ -530,51 +565,22 @@ impl PagedKvCache {
             return Ok(out);
         }
         views.par_iter().try_for_each(KvLayerView::verify)?;
-        let w = l.token_width();
         let mut out = vec![0f32; n * heads * hd];
         out.par_chunks_mut(hd).enumerate().for_each(|(qh, o)| {
             let (i, h) = (qh / heads, qh % heads);
             let q = &queries[qh * hd..(qh + 1) * hd];
             let kvh = h / group;
             let visible = first + i + 1;
-            let mut max = f32::NEG_INFINITY;
-            let mut sum = 0f32;
-            let mut scores = [0f32; 64];
+            let mut run = Softmax::new();
             for (b, view) in views.iter().enumerate() {
                 let start = b * l.block_tokens;
                 if start >= visible {
                     break;
                 }
                 let count = (visible - start).min(l.block_tokens);
-                let mut s_done = 0;
-                // Scores in chunks so the buffer stays on the stack whatever the block size.
-                while s_done < count {
-                    let c = (count - s_done).min(scores.len());
-                    let mut cmax = f32::NEG_INFINITY;
-                    for (t, score) in scores[..c].iter_mut().enumerate() {
-                        let slot = s_done + t;
-                        let k = &view.keys[slot * w + kvh * hd..slot * w + (kvh + 1) * hd];
-                        *score = dot(q, k) * scale;
-                        cmax = cmax.max(*score);
-                    }
-                    let new_max = max.max(cmax);
-                    let corr = (max - new_max).exp();
-                    sum *= corr;
-                    o.iter_mut().for_each(|v| *v *= corr);
-                    for (t, score) in scores[..c].iter().enumerate() {
-                        let slot = s_done + t;
-                        let p = (score - new_max).exp();
-                        sum += p;
-                        let v = &view.values[slot * w + kvh * hd..slot * w + (kvh + 1) * hd];
-                        for (ov, vv) in o.iter_mut().zip(v) {
-                            *ov += p * vv;
-                        }
-                    }
-                    max = new_max;
-                    s_done += c;
-                }
+                run.add_block(l, view, q, kvh * hd, count, scale, o);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / run.sum;
             o.iter_mut().for_each(|v| *v *= inv);
         });
         self.storage
