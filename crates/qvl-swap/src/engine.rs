@@ -200,26 +200,9 @@ impl IoEngine {
         Ok(IoEngine { shared, workers })
     }
 
-    /// Queues a job that reports through its own channels (one read that
-    /// completes several tickets). Returns false when the engine stopped.
-    pub fn submit_job(&self, urgent: bool, job: impl FnOnce(&IoClock) + Send + 'static) -> bool {
-        {
-            let mut q = lock(&self.shared.queue);
-            if q.1 {
-                return false;
-            }
-            if urgent {
-                q.0.push_front(Box::new(job));
-            } else {
-                q.0.push_back(Box::new(job));
-            }
-        }
-        self.shared.queue_cv.notify_one();
-        true
-    }
-
-    /// Queues several jobs at once (prefetch reads planned together) and
-    /// wakes one worker; each worker that takes a job wakes the next while
+    /// Queues jobs that report through their own channels (reads that
+    /// complete several tickets each), planned together, and wakes one
+    /// worker; each worker that takes a job wakes the next while
     /// jobs are left. So the caller pays for one wake-up, however many jobs:
     /// waking a sleeping thread on another core costs an inter-processor
     /// interrupt (a VM exit under a hypervisor), and the caller is the

@@ -249,17 +249,6 @@ impl LandedUnverified {
     pub fn buffer(&self) -> &Arc<LandedRead> {
         &self.read
     }
-
-    /// Bytes the check will cover (for callers that balance the checks
-    /// over threads).
-    pub fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    /// Whether the record holds no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.end == self.start
-    }
 }
 
 /// The results of one (merged) read, filled once by the I/O thread: one
@@ -637,6 +626,7 @@ impl SsdStore {
     ) -> Vec<Option<Ticket<T>>> {
         let (places, runs) = self.plan_runs(keys);
         let mut tickets: Vec<Vec<Option<Ticket<T>>>> = Vec::with_capacity(runs.len());
+        let mut jobs: Vec<Job> = Vec::with_capacity(runs.len());
         for run in runs {
             let mut items = Vec::with_capacity(run.len());
             let mut mine = Vec::with_capacity(run.len());
@@ -648,10 +638,13 @@ impl SsdStore {
             tickets.push(mine);
             let inner = Arc::clone(&self.inner);
             let decode = Arc::clone(&decode);
-            self.inner.engine.submit_job(urgent, move |clock| {
+            jobs.push(Box::new(move |clock: &IoClock| {
                 read_run(&inner, items, clock, &*decode)
-            });
+            }));
         }
+        // A stopped engine drops the jobs, and with them the senders,
+        // which fail the tickets.
+        self.inner.engine.submit_jobs(urgent, jobs);
         places
             .into_iter()
             .map(|p| p.and_then(|(run, pos)| tickets[run][pos].take()))
