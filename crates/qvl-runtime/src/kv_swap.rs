@@ -656,26 +656,32 @@ impl SwappingKvStorage {
         if batch.is_empty() {
             return;
         }
-        let tickets: Vec<Option<Staged>> = if !self.encodes() {
-            self.store
-                .read_many_landed(&keys, false)
-                .into_iter()
-                .map(|t| t.map(Staged::Landed))
-                .collect()
-        } else {
-            self.store
-                .read_many_async(&keys, false, self.decoder())
-                .into_iter()
-                .map(|t| t.map(Staged::Decoded))
-                .collect()
-        };
-        for (item, ticket) in batch.into_iter().zip(tickets) {
+        for (item, ticket) in batch.into_iter().zip(self.read_chunks(&keys, false)) {
             if let Some(t) = ticket {
                 p.staged.insert(item, t);
                 p.staged_bytes += chunk;
             }
         }
         self.note_ram(p.staged_bytes);
+    }
+
+    /// Queues reads of the chunks `keys` (merged where they neighbour on
+    /// disk): raw chunks land in place, encoded ones are decoded on the I/O
+    /// threads. None for a key the store does not hold.
+    fn read_chunks(&self, keys: &[BlockKey], urgent: bool) -> Vec<Option<Staged>> {
+        if !self.encodes() {
+            self.store
+                .read_many_landed(keys, urgent)
+                .into_iter()
+                .map(|t| t.map(Staged::Landed))
+                .collect()
+        } else {
+            self.store
+                .read_many_async(keys, urgent, self.decoder())
+                .into_iter()
+                .map(|t| t.map(Staged::Decoded))
+                .collect()
+        }
     }
 
     /// Plans the swapped chunks of the layers after `layer`, as many
@@ -769,20 +775,7 @@ impl SwappingKvStorage {
                 .iter()
                 .map(|&at| Self::chunk_key(chunks[at].1, layer))
                 .collect();
-            let demand: Vec<Option<Staged>> = if !self.encodes() {
-                self.store
-                    .read_many_landed(&keys, true)
-                    .into_iter()
-                    .map(|t| t.map(Staged::Landed))
-                    .collect()
-            } else {
-                self.store
-                    .read_many_async(&keys, true, self.decoder())
-                    .into_iter()
-                    .map(|t| t.map(Staged::Decoded))
-                    .collect()
-            };
-            for (&at, ticket) in missed.iter().zip(demand) {
+            for (&at, ticket) in missed.iter().zip(self.read_chunks(&keys, true)) {
                 tickets[at] = ticket;
             }
         }
