@@ -262,10 +262,11 @@ impl Softmax {
     }
 }
 
-/// A running softmax-weighted sum over part of the context, per head.
+/// The online softmax of every head over part of the context: each
+/// head's running max and sum, and its weighted sum of values (`acc`,
+/// `heads x head_dim`).
 struct Partial {
-    max: Vec<f32>,
-    sum: Vec<f32>,
+    runs: Vec<Softmax>,
     acc: Vec<f32>,
 }
 
@@ -292,24 +293,16 @@ fn attend_one(
         .enumerate()
         .map(|(r, range)| -> Result<Partial> {
             let mut p = Partial {
-                max: vec![f32::NEG_INFINITY; heads],
-                sum: vec![0f32; heads],
+                runs: vec![Softmax::new(); heads],
                 acc: vec![0f32; heads * hd],
             };
             for (j, view) in range.iter().enumerate() {
                 view.verify()?;
                 let start = (r * per_task + j) * bt;
                 let count = (total - start).min(bt);
-                for h in 0..heads {
-                    let mut run = Softmax {
-                        max: p.max[h],
-                        sum: p.sum[h],
-                    };
-                    let o = &mut p.acc[h * hd..(h + 1) * hd];
+                for (h, (run, o)) in p.runs.iter_mut().zip(p.acc.chunks_mut(hd)).enumerate() {
                     let q = &query[h * hd..(h + 1) * hd];
                     run.add_block(l, view, q, (h / group) * hd, count, scale, o);
-                    p.max[h] = run.max;
-                    p.sum[h] = run.sum;
                 }
             }
             Ok(p)
@@ -319,13 +312,13 @@ fn attend_one(
     for h in 0..heads {
         let max = partials
             .iter()
-            .map(|p| p.max[h])
+            .map(|p| p.runs[h].max)
             .fold(f32::NEG_INFINITY, f32::max);
         let o = &mut out[h * hd..(h + 1) * hd];
         let mut sum = 0f32;
         for p in &partials {
-            let f = (p.max[h] - max).exp();
-            sum += p.sum[h] * f;
+            let f = (p.runs[h].max - max).exp();
+            sum += p.runs[h].sum * f;
             for (ov, pv) in o.iter_mut().zip(&p.acc[h * hd..(h + 1) * hd]) {
                 *ov += pv * f;
             }
