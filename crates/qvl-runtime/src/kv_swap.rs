@@ -910,6 +910,13 @@ impl SwappingKvStorage {
         Some((keys, values))
     }
 
+    /// A chunk handed to attention as its own vectors (decoded, or copied
+    /// because it could not be lent), counted.
+    fn copied(&self, (keys, values): Chunk) -> KvLayerView<'static> {
+        self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
+        KvLayerView::new(Cow::Owned(keys), Cow::Owned(values))
+    }
+
     /// Checks a landed chunk (see [`LandedUnverified::verify`]).
     fn verify(&self, index: usize, layer: usize, rec: LandedUnverified) -> Result<LandedRecord> {
         rec.verify()
@@ -1108,12 +1115,7 @@ impl KvBlockStorage for SwappingKvStorage {
                 self.decode_landed(index, layer, &rec)?
             }
         };
-        self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
-        Ok(KvLayerView {
-            keys: Cow::Owned(keys),
-            values: Cow::Owned(values),
-            check: None,
-        })
+        Ok(self.copied((keys, values)))
     }
 
     fn read_layer(&self, ids: &[KvBlockId], layer: usize) -> Result<Vec<KvLayerView<'_>>> {
@@ -1152,14 +1154,7 @@ impl KvBlockStorage for SwappingKvStorage {
                 let (at, (index, _)) = swapped[n];
                 match fetched {
                     Fetched::Landed(rec) => landed.push((at, index, rec)),
-                    Fetched::Decoded((keys, values)) => {
-                        self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
-                        views[at] = Some(KvLayerView {
-                            keys: Cow::Owned(keys),
-                            values: Cow::Owned(values),
-                            check: None,
-                        });
-                    }
+                    Fetched::Decoded(chunk) => views[at] = Some(self.copied(chunk)),
                 }
                 Ok(())
             })?;
@@ -1170,9 +1165,7 @@ impl KvBlockStorage for SwappingKvStorage {
                     Ok(view) => view,
                     Err(rec) => {
                         let rec = self.verify(index, layer, rec)?;
-                        let (keys, values) = self.decode_landed(index, layer, &rec)?;
-                        self.counters.copied_chunks.fetch_add(1, Ordering::Relaxed);
-                        KvLayerView::new(Cow::Owned(keys), Cow::Owned(values))
+                        self.copied(self.decode_landed(index, layer, &rec)?)
                     }
                 });
             }
