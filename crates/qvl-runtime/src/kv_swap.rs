@@ -69,7 +69,7 @@ use qvl_swap::{
     StoreStats, SwapConfig, SwapError, Ticket, MAX_MERGED_READ,
 };
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -92,11 +92,26 @@ enum Staged {
 }
 
 impl Staged {
-    fn wait(self) -> std::result::Result<Fetched, SwapError> {
-        match self {
+    /// Waits for the chunk; adds the time spent blocked to `stalled` (a
+    /// chunk already in costs no clock reads).
+    fn wait(self, stalled: &mut std::time::Duration) -> std::result::Result<Fetched, SwapError> {
+        let pending = match self {
+            Staged::Landed(t) => match t.try_wait() {
+                Ok(done) => return done.map(Fetched::Landed),
+                Err(t) => Staged::Landed(t),
+            },
+            Staged::Decoded(t) => match t.try_wait() {
+                Ok(done) => return done.map(Fetched::Decoded),
+                Err(t) => Staged::Decoded(t),
+            },
+        };
+        let start = Instant::now();
+        let fetched = match pending {
             Staged::Landed(t) => t.wait().map(Fetched::Landed),
             Staged::Decoded(t) => t.wait().map(Fetched::Decoded),
-        }
+        };
+        *stalled += start.elapsed();
+        fetched
     }
 }
 
@@ -161,9 +176,70 @@ struct SwapKivi {
 /// kv_heads * head_dim]`). Outside qvl-compress's ids (1-9).
 const KIVI_PAIR: CodecId = CodecId(0x4b49);
 
+/// Chunks on their way in, by block index and layer: a flat table rather
+/// than a hash map, since a decode step takes and stages every swapped
+/// chunk of the context (thousands per step for small models).
+#[derive(Default)]
+struct StagedChunks {
+    /// `index * layers + layer`; grows with the block slots.
+    chunks: Vec<Option<Staged>>,
+    layers: usize,
+    len: usize,
+}
+
+impl StagedChunks {
+    fn new(layers: usize) -> StagedChunks {
+        StagedChunks {
+            chunks: Vec::new(),
+            layers,
+            len: 0,
+        }
+    }
+
+    fn at(&self, index: usize, layer: usize) -> usize {
+        index * self.layers + layer
+    }
+
+    fn contains(&self, index: usize, layer: usize) -> bool {
+        self.chunks
+            .get(self.at(index, layer))
+            .is_some_and(Option::is_some)
+    }
+
+    fn insert(&mut self, index: usize, layer: usize, staged: Staged) {
+        let at = self.at(index, layer);
+        if at >= self.chunks.len() {
+            self.chunks.resize_with(at + 1, || None);
+        }
+        if self.chunks[at].replace(staged).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, index: usize, layer: usize) -> Option<Staged> {
+        let at = self.at(index, layer);
+        let taken = self.chunks.get_mut(at).and_then(Option::take);
+        if taken.is_some() {
+            self.len -= 1;
+        }
+        taken
+    }
+
+    /// Drops every staged chunk of block `index`; returns how many.
+    fn forget_block(&mut self, index: usize) -> usize {
+        (0..self.layers)
+            .filter(|&layer| self.remove(index, layer).is_some())
+            .count()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 #[derive(Default)]
 struct Prefetch {
-    staged: HashMap<(usize, usize), Staged>,
+    staged: StagedChunks,
     staged_bytes: usize,
     plan: VecDeque<(usize, usize)>,
     /// The layer attention reads now (the last one a chunk was read of).
@@ -317,7 +393,10 @@ impl SwappingKvStorage {
             newest: None,
             resident_bytes: 0,
             policy: Mutex::new(policy_for(config.eviction_policy)),
-            prefetch: Mutex::new(Prefetch::default()),
+            prefetch: Mutex::new(Prefetch {
+                staged: StagedChunks::new(layout.layers),
+                ..Prefetch::default()
+            }),
             lent: Mutex::new(Vec::new()),
             counters: Arc::new(Counters::default()),
         })
@@ -406,6 +485,17 @@ impl SwappingKvStorage {
 
     fn policy_key(index: usize) -> BlockKey {
         BlockKey(index as u128)
+    }
+
+    /// Tells the eviction policy that attention read resident block
+    /// `index`. Attention reads every layer of the context once per step,
+    /// so only layer 0 counts: the same recency and frequency order as
+    /// counting every layer, at 1/layers of the cost (one lock and one
+    /// policy update per block instead of one per chunk).
+    fn note_access(&self, index: usize, layer: usize) {
+        if layer == 0 {
+            lock(&self.policy).on_access(Self::policy_key(index));
+        }
     }
 
     fn slot(&self, id: KvBlockId) -> Result<&Slot> {
@@ -636,12 +726,11 @@ impl SwappingKvStorage {
             return;
         }
         let mut batch = Vec::new();
-        let mut keys = Vec::new();
         while p.staged_bytes + (batch.len() + 1) * chunk <= self.staging_cap {
             let Some((index, layer)) = p.plan.pop_front() else {
                 break;
             };
-            if p.staged.contains_key(&(index, layer)) || batch.contains(&(index, layer)) {
+            if p.staged.contains(index, layer) {
                 continue;
             }
             let Some(slot) = self.slots.get(index).and_then(Option::as_ref) else {
@@ -650,15 +739,23 @@ impl SwappingKvStorage {
             if slot.data.is_some() {
                 continue;
             }
-            batch.push((index, layer));
-            keys.push(Self::chunk_key(slot.uid, layer));
+            batch.push((index, layer, slot.uid));
         }
+        // The plan may list a chunk twice (replanned after the swapped set
+        // changed); one read of it is enough.
+        batch.sort_unstable();
+        batch.dedup();
         if batch.is_empty() {
             return;
         }
-        for (item, ticket) in batch.into_iter().zip(self.read_chunks(&keys, false)) {
+        let keys: Vec<BlockKey> = batch
+            .iter()
+            .map(|&(_, layer, uid)| Self::chunk_key(uid, layer))
+            .collect();
+        let tickets = self.read_chunks(&keys, false);
+        for ((index, layer, _), ticket) in batch.into_iter().zip(tickets) {
             if let Some(t) = ticket {
-                p.staged.insert(item, t);
+                p.staged.insert(index, layer, t);
                 p.staged_bytes += chunk;
             }
         }
@@ -749,7 +846,7 @@ impl SwappingKvStorage {
                 self.plan_ahead(&mut p, layer);
             }
             for (at, &(index, _)) in chunks.iter().enumerate() {
-                let staged = p.staged.remove(&(index, layer));
+                let staged = p.staged.remove(index, layer);
                 if staged.is_some() {
                     p.staged_bytes -= self.chunk_bytes();
                 } else {
@@ -789,11 +886,9 @@ impl SwappingKvStorage {
                 )));
                 break;
             };
-            let start = Instant::now();
             let chunk = ticket
-                .wait()
+                .wait(&mut stalled)
                 .map_err(|e| swap_err(&format!("reading KV block {index} layer {layer} back"), e));
-            stalled += start.elapsed();
             if let Err(e) = chunk.and_then(|chunk| take(at, chunk)) {
                 result = Err(e);
                 break;
@@ -951,9 +1046,7 @@ impl SwappingKvStorage {
     /// loaded back to be written).
     fn forget_staged(&self, index: usize) {
         let mut p = lock(&self.prefetch);
-        let before = p.staged.len();
-        p.staged.retain(|(i, _), _| *i != index);
-        let dropped = before - p.staged.len();
+        let dropped = p.staged.forget_block(index);
         p.staged_bytes -= dropped * self.chunk_bytes();
         p.plan.retain(|(i, _)| *i != index);
     }
@@ -1087,7 +1180,7 @@ impl KvBlockStorage for SwappingKvStorage {
             .and_then(|s| s.data.as_mut())
             .ok_or_else(|| ModelError::KvCache(format!("block {index} did not load")))?;
         l.copy_into_block(data, layer, slot, keys, values);
-        lock(&self.policy).on_access(Self::policy_key(index));
+        self.note_access(index, layer);
         Ok(())
     }
 
@@ -1102,7 +1195,7 @@ impl KvBlockStorage for SwappingKvStorage {
         let index = id.0 as usize;
         let slot = self.slot(id)?;
         if let Some(data) = &slot.data {
-            lock(&self.policy).on_access(Self::policy_key(index));
+            self.note_access(index, layer);
             return Ok(l.layer_view(data, layer));
         }
         let (keys, values) = match self.fetch_chunk(index, slot.uid, layer)? {
@@ -1130,13 +1223,16 @@ impl KvBlockStorage for SwappingKvStorage {
         // (position in ids, block index, uid) of the swapped blocks.
         let mut swapped = Vec::new();
         {
-            let mut policy = lock(&self.policy);
+            // Recency and frequency count once per step (see `note_access`).
+            let mut policy = (layer == 0).then(|| lock(&self.policy));
             for (at, &id) in ids.iter().enumerate() {
                 let slot = self.slot(id)?;
                 let index = id.0 as usize;
                 match &slot.data {
                     Some(data) => {
-                        policy.on_access(Self::policy_key(index));
+                        if let Some(policy) = policy.as_mut() {
+                            policy.on_access(Self::policy_key(index));
+                        }
                         views.push(Some(l.layer_view(data, layer)));
                     }
                     None => {
@@ -1319,6 +1415,32 @@ mod tests {
                 assert_eq!(view.keys[0], (id.0 as usize * 1000 + layer * 100) as f32);
             }
         }
+    }
+
+    #[test]
+    fn the_staged_table_counts_each_chunk_once() {
+        let staged_chunk = || Staged::Decoded(Ticket::ready(Ok((vec![1.0], vec![2.0]))));
+        let mut t = StagedChunks::new(3);
+        assert!(t.is_empty());
+        t.insert(4, 2, staged_chunk());
+        t.insert(4, 2, staged_chunk());
+        t.insert(4, 0, staged_chunk());
+        t.insert(1, 2, staged_chunk());
+        assert_eq!(t.len, 3);
+        assert!(t.contains(4, 2) && t.contains(1, 2) && !t.contains(1, 1) && !t.contains(9, 0));
+        let mut stalled = std::time::Duration::ZERO;
+        match t.remove(1, 2).map(|s| s.wait(&mut stalled)) {
+            Some(Ok(Fetched::Decoded((k, v)))) => assert_eq!((k, v), (vec![1.0], vec![2.0])),
+            _ => panic!("the staged chunk did not come back"),
+        }
+        assert!(t.remove(1, 2).is_none());
+        assert_eq!(t.forget_block(4), 2);
+        assert!(t.is_empty());
+        assert_eq!(
+            stalled,
+            std::time::Duration::ZERO,
+            "a ready chunk costs no stall"
+        );
     }
 
     #[test]

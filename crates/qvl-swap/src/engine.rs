@@ -30,6 +30,16 @@ impl<T> Ticket<T> {
         self.rx.recv().unwrap_or(Err(SwapError::EngineStopped))
     }
 
+    /// The result if the operation is done, else the ticket back (without
+    /// blocking).
+    pub fn try_wait(self) -> std::result::Result<Result<T>, Ticket<T>> {
+        match self.rx.try_recv() {
+            Ok(done) => Ok(done),
+            Err(std::sync::mpsc::TryRecvError::Empty) => Err(self),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Ok(Err(SwapError::EngineStopped)),
+        }
+    }
+
     /// A ticket and the sender that completes it.
     pub fn channel() -> (SyncSender<Result<T>>, Ticket<T>) {
         let (tx, rx) = sync_channel(1);

@@ -32,19 +32,32 @@ type LocalDecode<'a, T> = &'a dyn Fn(&TensorMeta, CodecId, &[u8]) -> Result<T>;
 pub type Decoder<T> = Arc<DecodeFn<T>>;
 
 /// Where a block lives in the file and what its record must say.
-#[derive(Clone)]
-struct Entry {
-    extent: Arc<Extent>,
+struct Record {
+    /// Freed (back to the allocator) when the last [`Entry`] of the record
+    /// drops: the index's, or a read's still in flight.
+    extent: Extent,
     header: RecordHeader,
-    /// Shared: entries are cloned on every read plan, and a TensorMeta owns a
-    /// shape vector (a heap allocation per clone).
-    meta: Arc<TensorMeta>,
+    meta: TensorMeta,
     /// Some for a bare record (payload only on disk): its checksum, kept
     /// here instead of in an on-disk header.
     bare: Option<u64>,
 }
 
-impl Entry {
+/// A shared handle to a [`Record`]: every read plan clones the entries it
+/// reads (a layer of a small model is dozens of records), so a clone is
+/// one reference count, not a copy of the fields.
+#[derive(Clone)]
+struct Entry(Arc<Record>);
+
+impl std::ops::Deref for Entry {
+    type Target = Record;
+
+    fn deref(&self) -> &Record {
+        &self.0
+    }
+}
+
+impl Record {
     /// Bytes to read: the record's pages, without the extent's padding.
     fn read_len(&self) -> usize {
         let payload = self.header.payload_len as usize;
@@ -268,6 +281,29 @@ impl LandedTicket {
     /// Blocks until the read holding this record is done and returns the
     /// record, still to be verified, or the read's error.
     pub fn wait(self) -> Result<LandedUnverified> {
+        match self.try_wait() {
+            Ok(done) => done,
+            Err(ticket) => ticket.wait_blocking(),
+        }
+    }
+
+    /// The record if its read is done, else the ticket back (without
+    /// blocking), so that a caller can time only the waits that block.
+    pub fn try_wait(self) -> std::result::Result<Result<LandedUnverified>, LandedTicket> {
+        let mut results = lock(&self.slot.results);
+        match results.as_mut() {
+            Some(v) => Ok(v
+                .get_mut(self.index)
+                .and_then(Option::take)
+                .unwrap_or(Err(SwapError::EngineStopped))),
+            None => {
+                drop(results);
+                Err(self)
+            }
+        }
+    }
+
+    fn wait_blocking(self) -> Result<LandedUnverified> {
         let mut results = lock(&self.slot.results);
         loop {
             if let Some(v) = results.as_mut() {
@@ -320,7 +356,7 @@ struct Inner {
     read_bufs: BufPool,
     streams: Mutex<HashMap<u32, StreamCursor>>,
     allocator: Arc<Mutex<ExtentAllocator>>,
-    index: RwLock<HashMap<BlockKey, Entry>>,
+    index: RwLock<HashMap<BlockKey, Entry, foldhash::fast::RandomState>>,
     generation: AtomicU64,
     engine: IoEngine,
     recorder: Arc<dyn MetricsRecorder>,
@@ -386,7 +422,7 @@ impl SsdStore {
                 streams: Mutex::new(HashMap::new()),
                 read_bufs: Arc::new(Mutex::new(Vec::new())),
                 allocator: Arc::new(Mutex::new(ExtentAllocator::new(pages))),
-                index: RwLock::new(HashMap::new()),
+                index: RwLock::new(HashMap::default()),
                 generation: AtomicU64::new(1),
                 engine,
                 recorder: Arc::new(NoopRecorder),
@@ -493,12 +529,12 @@ impl SsdStore {
         for ((b, header), extent) in blocks.into_iter().zip(headers).zip(extents) {
             index.insert(
                 b.key,
-                Entry {
-                    extent: Arc::new(extent),
+                Entry(Arc::new(Record {
+                    extent,
                     header,
-                    meta: Arc::new(b.meta),
+                    meta: b.meta,
                     bare: None,
-                },
+                })),
             );
         }
         Ok(())
@@ -542,12 +578,12 @@ impl SsdStore {
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             i.index.write().unwrap_or_else(|p| p.into_inner()).insert(
                 b.key,
-                Entry {
-                    extent: Arc::new(extent),
+                Entry(Arc::new(Record {
+                    extent,
                     header,
-                    meta: Arc::new(b.meta),
+                    meta: b.meta,
                     bare: Some(sum),
-                },
+                })),
             );
         }
         Ok(())
