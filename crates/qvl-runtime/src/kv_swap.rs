@@ -16,8 +16,9 @@
 //!   after. So the first read of layer `l` plans the swapped chunks of the
 //!   layers after it, as many layers ahead as the window holds (at least
 //!   one), and queues them as the window has room, in batches of up to
-//!   one merged read (1 MiB of neighbouring chunks): the I/O threads read,
-//!   verify and convert them while the CPU runs attention and the MLP. A
+//!   one merged read (1 MiB of neighbouring chunks): the I/O threads read
+//!   them (and verify and decode encoded ones) while the CPU runs
+//!   attention and the MLP. A
 //!   chunk not staged in time is read on demand (urgent, ahead of
 //!   prefetches), and the wait is counted as a stall.
 //! - Layout: swap-out writes each layer's chunks to that layer's stream
