@@ -469,6 +469,16 @@ impl TextDecoder {
     fn forward_rows(
         &self,
         seqs: &mut [BatchSequence<'_>],
+        hidden: Vec<f32>,
+        deepstack: Option<&DeepstackFeatures<'_>>,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        crate::ops::on_compute_pool(|| self.forward_rows_in_pool(seqs, hidden, deepstack, logits))
+    }
+
+    fn forward_rows_in_pool(
+        &self,
+        seqs: &mut [BatchSequence<'_>],
         mut hidden: Vec<f32>,
         deepstack: Option<&DeepstackFeatures<'_>>,
         logits: Logits,

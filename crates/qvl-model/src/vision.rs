@@ -291,6 +291,10 @@ impl VisionEncoder {
     /// Encodes `pixel_values` (`patches x patch_dim`) of images with grids
     /// `grids` (`[t, h, w]` in patches).
     pub fn forward(&self, pixel_values: &[f32], grids: &[[usize; 3]]) -> Result<VisionOutput> {
+        crate::ops::on_compute_pool(|| self.forward_in_pool(pixel_values, grids))
+    }
+
+    fn forward_in_pool(&self, pixel_values: &[f32], grids: &[[usize; 3]]) -> Result<VisionOutput> {
         let c = &self.config;
         let n = self.check_inputs(pixel_values, grids)?;
         let mut x = self.patch_embed.forward(pixel_values, n);
