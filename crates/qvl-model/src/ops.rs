@@ -9,7 +9,7 @@
 /// started on a worker, the worker runs its share of the loop itself and
 /// its neighbours steal the rest. On 2 cores this made SmolLM2's batch-1
 /// decode 15-23% faster (`cargo xtask bench model`) and the tiny Qwen3-VL's
-/// decode about 3.5x (`cargo xtask bench e2e`, all phases off), where the
+/// decode 4.7-6x (`cargo xtask bench e2e`, all phases off), where the
 /// loops are short and the wake-ups were most of the time.
 pub fn on_compute_pool<R: Send>(pass: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
