@@ -32,6 +32,11 @@
 //! medians are compared. Hot rates (one 1 MiB piece hashed repeatedly) and
 //! the software CRC are in the details.
 //!
+//! Switch-off: the runtime's move of a swapped context back to RAM when it
+//! switches swapping off mid-request (`qvl_model::kv::copy_blocks`, a layer
+//! of all blocks per call) against a read per block and layer, on a
+//! SmolLM2-shaped context at a 1/8 budget, alternating, medians of rounds.
+//!
 //! The context is filled with synthetic keys and values (deterministic
 //! random numbers) rather than by a prefill of the prompt: a prefill of
 //! this length would take minutes on two cores and measures nothing this
@@ -42,7 +47,7 @@ use anyhow::{bail, Context, Result};
 use qvl_core::bench::{BenchReport, Criterion};
 use qvl_core::DType;
 use qvl_model::config::{DecoderConfig, RopeConfig, RopeKind};
-use qvl_model::kv::{HostKvStorage, KvLayout, PagedKvCache};
+use qvl_model::kv::{HostKvStorage, KvBlockId, KvBlockStorage, KvLayout, PagedKvCache};
 use qvl_model::llama::GgufTextModel;
 use qvl_model::ops::{argmax, Activation};
 use qvl_model::random::{decoder_tensor_shapes, random_weights};
@@ -214,6 +219,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         ),
     };
 
+    let switch_off = switch_off_copy(&swap_dir, opts.quick)?;
+
     let mut report = BenchReport::new("swap");
     report.criteria.push(Criterion::higher_is_better(
         format!(
@@ -246,7 +253,18 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         m.seq_bytes as f64 / m.seq_s.max(1e-9) / 1e6,
         0.80,
     ));
+    report.criteria.push(Criterion::lower_is_better(
+        format!(
+            "switching swap off mid-request: moving a SmolLM2-shaped context ({} tokens, 1/8 in RAM) back to RAM a layer at a time vs a read per block and layer",
+            switch_off.context
+        ),
+        "seconds, median",
+        switch_off.layered_s,
+        switch_off.chunked_s,
+        1.0,
+    ));
     report.details = serde_json::json!({
+        "switch_off": switch_off.json(),
         "checksum": sums.json(),
         "sweeps": std::iter::once(&shaped).chain(smol.as_ref()).map(Sweep::json).collect::<Vec<_>>(),
         "skipped": smol_note,
@@ -375,6 +393,114 @@ fn checksum_rates(quick: bool) -> ChecksumRates {
 }
 
 /// Every budget for one model: the context filled afresh for each.
+/// What moving a swapped context back to RAM costs, both ways.
+struct SwitchOff {
+    context: usize,
+    layered_s: f64,
+    chunked_s: f64,
+    blocks: usize,
+    swapped_blocks: usize,
+    rounds: usize,
+}
+
+impl SwitchOff {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "layout": "SmolLM2-135M: 30 layers, 3 KV heads x 64, f32",
+            "context_tokens": self.context,
+            "blocks": self.blocks,
+            "swapped_blocks": self.swapped_blocks,
+            "rounds": self.rounds,
+            "layer_at_a_time_s": self.layered_s,
+            "read_per_block_and_layer_s": self.chunked_s,
+            "method": "each round fills a fresh swapping storage (budget 1/8 of the KV, as the 1/8 sweep) and copies every block into RAM storage, once with qvl_model::kv::copy_blocks (what the runtime does when it switches swapping off: one read_layer call per layer, merged reads) and once with a read per block and layer (what it did before), alternating which goes first; every view verified; medians over rounds",
+        })
+    }
+}
+
+/// Times the runtime's switch-off copy (`kv::copy_blocks`) against a read
+/// per block and layer, on a context mostly on SSD.
+fn switch_off_copy(swap_dir: &Path, quick: bool) -> Result<SwitchOff> {
+    let layout = KvLayout {
+        layers: 30,
+        kv_heads: 3,
+        head_dim: 64,
+        block_tokens: BLOCK_TOKENS,
+    };
+    let context = if quick { 512 } else { 1024 };
+    let rounds = if quick { 2 } else { 5 };
+    let blocks = context / BLOCK_TOKENS;
+    let block_bytes = layout.block_floats() * 4;
+    let kv_bytes = blocks * block_bytes;
+    let budget = kv_bytes / 8;
+    let window = (kv_bytes / layout.layers * 2).min(budget - block_bytes);
+    let config = SwapConfig {
+        enabled: true,
+        memory_threshold: (budget - window) as f64 / budget as f64,
+        swap_directory: swap_dir.to_path_buf(),
+        eviction_policy: EvictionPolicyKind::Lru,
+        max_inflight: MAX_INFLIGHT,
+        io_mode: IoMode::Auto,
+        capacity_bytes: kv_bytes as u64 * 5 / 4 + (layout.layers as u64 + 2) * (4 << 20),
+        target_read_latency_us: 50_000,
+    };
+    let (mut layered, mut chunked) = (Vec::new(), Vec::new());
+    let mut swapped_blocks = 0;
+    for round in 0..rounds {
+        for per_layer in [round % 2 == 0, round % 2 != 0] {
+            let mut from = SwappingKvStorage::new(layout, &config, budget)
+                .context("opening the swapping KV storage")?;
+            let mut rng = Rng(0x5EED_0000 + round as u64);
+            let width = BLOCK_TOKENS * layout.token_width();
+            let mut ids = Vec::with_capacity(blocks);
+            for _ in 0..blocks {
+                let id = from.allocate()?;
+                for layer in 0..layout.layers {
+                    let k: Vec<f32> = (0..width).map(|_| rng.next()).collect();
+                    let v: Vec<f32> = (0..width).map(|_| rng.next()).collect();
+                    from.write(id, layer, 0, &k, &v)?;
+                }
+                ids.push(id);
+            }
+            swapped_blocks = from.stats().swapped_blocks;
+            let mut to = HostKvStorage::new(layout);
+            let t = Instant::now();
+            if per_layer {
+                qvl_model::kv::copy_blocks(&from, &mut to, &ids)?;
+                layered.push(t.elapsed().as_secs_f64());
+            } else {
+                copy_chunk_by_chunk(&from, &mut to, &ids)?;
+                chunked.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    Ok(SwitchOff {
+        context,
+        layered_s: median(&mut layered),
+        chunked_s: median(&mut chunked),
+        blocks,
+        swapped_blocks,
+        rounds,
+    })
+}
+
+/// The baseline of [`switch_off_copy`]: a read per block and layer.
+fn copy_chunk_by_chunk(
+    from: &dyn KvBlockStorage,
+    to: &mut dyn KvBlockStorage,
+    ids: &[KvBlockId],
+) -> Result<()> {
+    for &id in ids {
+        let new = to.allocate()?;
+        for layer in 0..from.layout().layers {
+            let view = from.read(id, layer)?;
+            view.verify()?;
+            to.write(new, layer, 0, &view.keys, &view.values)?;
+        }
+    }
+    Ok(())
+}
+
 fn sweep(
     model: &str,
     decoder: &TextDecoder,

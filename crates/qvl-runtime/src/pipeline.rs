@@ -18,7 +18,9 @@
 //! gc, lookup/import/export time per request for the cache. A manager over
 //! its `overhead_budget` for [`DEACTIVATE_AFTER_STEPS`] consecutive steps is
 //! switched off at run time: the KV storage moves its blocks to the plain
-//! path between two calls ([`PhasedKvStorage`]), the collector thread stops,
+//! path between two calls ([`PhasedKvStorage`]), a layer of all blocks at
+//! a time ([`qvl_model::kv::copy_blocks`], so a swapped context comes back
+//! in merged reads; nothing moves if a read fails), the collector thread stops,
 //! the cache stops being consulted. The switch is logged and reported.
 
 use crate::config::{self, CachePolicy, Config, SwapPolicy};
@@ -297,18 +299,28 @@ impl PhasedKvStorage {
         let Some(mut plain) = self.plain.take() else {
             return Ok(());
         };
-        let l = self.inner.layout();
-        for slot in self.ids.iter_mut().flatten() {
-            let new_id = plain.allocate()?;
-            for layer in 0..l.layers {
-                let view = self.inner.read(*slot, layer)?;
-                plain.write(new_id, layer, 0, &view.keys, &view.values)?;
+        let old: Vec<KvBlockId> = self.ids.iter().flatten().copied().collect();
+        // A layer at a time (merged reads from a swap space); nothing moves
+        // on an error, and the next call tries again.
+        let new = match qvl_model::kv::copy_blocks(self.inner.as_ref(), plain.as_mut(), &old) {
+            Ok(new) => new,
+            Err(e) => {
+                self.plain = Some(plain);
+                return Err(e);
             }
-            self.inner.release(*slot)?;
-            *slot = new_id;
+        };
+        for (slot, id) in self.ids.iter_mut().flatten().zip(new) {
+            *slot = id;
         }
-        self.inner = plain;
+        let mut left = std::mem::replace(&mut self.inner, plain);
         self.probe.fell_back.store(true, Ordering::Relaxed);
+        // Every block is copied: releasing them from the storage left
+        // behind frees its space now, and a failure there loses nothing.
+        for &id in &old {
+            if let Err(e) = left.release(id) {
+                tracing::warn!("releasing KV block {} after the switch to RAM: {e}", id.0);
+            }
+        }
         Ok(())
     }
 
@@ -1599,6 +1611,33 @@ mod tests {
         let s = &p.statuses()[Phase::Swapping as usize];
         assert_eq!(s.state, PhaseState::Off);
         assert!(s.reason.starts_with("no --kv-budget"), "{}", s.reason);
+    }
+
+    #[test]
+    fn swapping_switched_off_mid_run_loses_no_kv() {
+        let dec = tiny_decoder();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = tiny_config(tmp.path());
+        let hw = Hardware::detect(&config);
+        let noop = Arc::new(qvl_core::NoopRecorder);
+        // 39 prompt tokens in blocks of 4 and a budget of 3 blocks: most
+        // blocks are on SSD when the swap space is switched off, and their
+        // layers come back through merged reads.
+        let long: Vec<Vec<u32>> = vec![(1..40).collect()];
+        let steps = DEACTIVATE_AFTER_STEPS as usize + 6;
+        let mut base = Pipeline::build(&config, &hw, &options(&dec, "none", None), noop.clone());
+        let expected = run(&dec, &mut base, &long, steps);
+        config.swapping.overhead_budget = 1e-9;
+        let block = dec.kv_layout(4).block_floats() * 4;
+        let budget = Some(ByteSize((3 * block) as u64));
+        let mut p = Pipeline::build(&config, &hw, &options(&dec, "4", budget), noop);
+        let got = run(&dec, &mut p, &long, steps);
+        let s = &p.statuses()[Phase::Swapping as usize];
+        assert_eq!(s.state, PhaseState::Deactivated, "{}", s.reason);
+        // Swapping is lossless and the move to RAM copies exact f32: every
+        // token and every logit row, before and after the switch, match.
+        assert_eq!(got[0].0, expected[0].0);
+        assert_eq!(got[0].1, expected[0].1);
     }
 
     #[test]
