@@ -182,6 +182,15 @@ pub trait KvBlockStorage: Send + Sync {
     /// Bytes the storage holds now.
     fn used_bytes(&self) -> usize;
 
+    /// Most blocks one forward pass may write into at once before the
+    /// storage has to move some of them out and back again (a swapping
+    /// storage's resident capacity); None when there is no such limit.
+    /// [`crate::TextDecoder::forward`] runs a longer prompt in chunks that
+    /// fit it.
+    fn write_window_blocks(&self) -> Option<usize> {
+        None
+    }
+
     /// Sees every attention over `layer`: the `queries` (`n x heads x
     /// head_dim`, the last `n` tokens written) and the `output` computed
     /// from what [`KvBlockStorage::read`] returned. Storages that encode
@@ -508,6 +517,15 @@ impl PagedKvCache {
     /// Bytes held by the storage.
     pub fn used_bytes(&self) -> usize {
         self.storage.used_bytes()
+    }
+
+    /// Most tokens one forward pass should append, wherever the sequence
+    /// ends now, so that the blocks it writes stay resident (see
+    /// [`KvBlockStorage::write_window_blocks`]); None when any number fits.
+    pub fn write_window_tokens(&self) -> Option<usize> {
+        let blocks = self.storage.write_window_blocks()?;
+        // One block less: the first written may be partly filled already.
+        Some(blocks.saturating_sub(1).max(1) * self.layout().block_tokens)
     }
 
     /// Makes room for `n` more tokens (allocating blocks as needed); they

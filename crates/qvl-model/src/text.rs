@@ -431,6 +431,13 @@ impl TextDecoder {
     /// Runs `hidden` (`n x hidden` input embeddings of the tokens `tokens`
     /// at `positions`) through the decoder, appending their keys and values
     /// to `cache`, and returns the logits (`n x vocab` or `1 x vocab`).
+    ///
+    /// When the cache can keep fewer new tokens resident than `n`
+    /// ([`PagedKvCache::write_window_tokens`]: its KV is held to a RAM
+    /// budget and the rest swapped out), the tokens run in chunks that fit,
+    /// one after another: each chunk's blocks then take every layer's
+    /// writes while resident, where one pass over all of them would move
+    /// blocks out and back in at every layer.
     pub fn forward(
         &self,
         cache: &mut PagedKvCache,
@@ -440,12 +447,67 @@ impl TextDecoder {
         deepstack: Option<&DeepstackFeatures<'_>>,
         logits: Logits,
     ) -> Result<Vec<f32>> {
-        let mut seqs = [BatchSequence {
-            cache,
-            tokens,
-            positions,
-        }];
-        self.forward_rows(&mut seqs, hidden, deepstack, logits)
+        let n = tokens.len();
+        let h = self.config.hidden_size;
+        let chunk = cache
+            .write_window_tokens()
+            .filter(|&c| c < n && hidden.len() == n * h && positions.len() == n);
+        let Some(chunk) = chunk else {
+            // One pass (forward_rows checks the shapes).
+            let mut seqs = [BatchSequence {
+                cache,
+                tokens,
+                positions,
+            }];
+            return self.forward_rows(&mut seqs, hidden, deepstack, logits);
+        };
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + chunk).min(n);
+            // The chunk's visual rows (sorted) and their deepstack features.
+            let part_rows: Vec<usize>;
+            let part_layers: Vec<Vec<f32>>;
+            let part_deepstack = match deepstack {
+                Some(ds) => {
+                    let from = ds.rows.partition_point(|&r| r < start);
+                    let to = ds.rows.partition_point(|&r| r < end);
+                    part_rows = ds.rows[from..to].iter().map(|&r| r - start).collect();
+                    part_layers = ds
+                        .layers
+                        .iter()
+                        .map(|l| l.get(from * h..to * h).map(<[f32]>::to_vec))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| {
+                            ModelError::InvalidInput(
+                                "deepstack features do not match the chunk's visual rows"
+                                    .to_string(),
+                            )
+                        })?;
+                    Some(DeepstackFeatures {
+                        rows: &part_rows,
+                        layers: &part_layers,
+                    })
+                }
+                None => None,
+            };
+            let mut seqs = [BatchSequence {
+                cache: &mut *cache,
+                tokens: &tokens[start..end],
+                positions: &positions[start..end],
+            }];
+            let rows = self.forward_rows(
+                &mut seqs,
+                hidden[start * h..end * h].to_vec(),
+                part_deepstack.as_ref(),
+                logits,
+            )?;
+            if logits == Logits::All || end == n {
+                out.extend(rows);
+            }
+            start = end;
+        }
+        Ok(out)
     }
 
     /// Runs several sequences through the decoder in one pass: `hidden`

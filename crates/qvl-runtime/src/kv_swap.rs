@@ -1279,6 +1279,13 @@ impl KvBlockStorage for SwappingKvStorage {
     fn used_bytes(&self) -> usize {
         self.resident_bytes + lock(&self.prefetch).staged_bytes
     }
+
+    /// What stays resident through a forward pass: `make_room` swaps out
+    /// down to 3/4 of the resident share, least recently used first, so
+    /// the blocks a pass allocates survive it when they fit in that.
+    fn write_window_blocks(&self) -> Option<usize> {
+        Some((self.resident_cap * 3 / 4 / self.block_bytes()).max(1))
+    }
 }
 
 #[cfg(test)]
@@ -1287,6 +1294,7 @@ mod tests {
     use crate::test_support::{generate, tiny_decoder};
     use qvl_core::{CodecReport, Encoded};
     use qvl_model::kv::{HostKvStorage, PagedKvCache};
+    use qvl_model::Logits;
     use qvl_swap::FaultPlan;
 
     /// A fresh directory under the system temp dir, removed on drop (no
@@ -1738,5 +1746,42 @@ mod tests {
             st.lent_chunks + st.copied_chunks,
             st.prefetch_hits + st.demand_reads
         );
+    }
+
+    #[test]
+    fn a_long_prompt_prefills_in_chunks_that_stay_resident() {
+        let dec = tiny_decoder();
+        let l = dec.kv_layout(4);
+        let prompt: Vec<u32> = (0..64u32).map(|i| (i * 37 + 5) % 300).collect();
+        let positions: Vec<[i64; 3]> = (0..64).map(|i| [i; 3]).collect();
+        let prefill = |cache: &mut PagedKvCache| {
+            let hidden = dec.embed(&prompt).unwrap();
+            dec.forward(cache, hidden, &prompt, &positions, None, Logits::All)
+                .unwrap()
+        };
+        let want = prefill(&mut PagedKvCache::new(Box::new(HostKvStorage::new(l))));
+
+        let tmp = tempdir();
+        // 8 blocks at threshold 0.5: 4 resident, 3 of them kept through a
+        // pass; 64 tokens are 16 blocks.
+        let budget = 8 * l.block_floats() * 4;
+        let storage = SwappingKvStorage::new(l, &config(tmp.path()), budget).unwrap();
+        let monitor = storage.monitor();
+        let mut cache = PagedKvCache::new(Box::new(storage));
+        assert_eq!(cache.write_window_tokens(), Some(8));
+        let got = prefill(&mut cache);
+        // Every row, in chunks of 8 tokens, as in one pass (up to the order
+        // attention sums in).
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "logits differ by {worst}");
+        // No block was swapped out while the pass still wrote into it.
+        let st = monitor.stats();
+        assert_eq!(st.swap_ins_for_write, 0, "{st:?}");
+        assert!(st.swapped_blocks >= 12, "{st:?}");
     }
 }

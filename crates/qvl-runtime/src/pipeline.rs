@@ -403,6 +403,10 @@ impl KvBlockStorage for PhasedKvStorage {
         self.inner.used_bytes()
     }
 
+    fn write_window_blocks(&self) -> Option<usize> {
+        self.inner.write_window_blocks()
+    }
+
     fn observe_attention(
         &self,
         layer: usize,
@@ -1382,6 +1386,23 @@ mod tests {
         }
     }
 
+    /// Every logit row of `got` within `tolerance` of `expected`'s.
+    fn assert_close(got: &[Vec<f32>], expected: &[Vec<f32>], tolerance: f32, phases: &str) {
+        assert_eq!(got.len(), expected.len(), "phases {phases}: rows differ");
+        for (g, e) in got.iter().zip(expected) {
+            assert_eq!(g.len(), e.len());
+            let worst = g
+                .iter()
+                .zip(e)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= tolerance,
+                "phases {phases}: logits differ by {worst}"
+            );
+        }
+    }
+
     /// Runs `prompts` one after another through `pipeline`; returns each
     /// request's greedy tokens and logits rows.
     fn run(
@@ -1460,9 +1481,13 @@ mod tests {
                 recorder.clone(),
             );
             let got = run(&dec, &mut p, &prompts(), 8);
+            // Swapping prefills in chunks that stay resident under its RAM
+            // budget, which sums attention in another order (logits move by
+            // about 1e-6); every other lossless phase is bit-exact.
+            let tolerance = if phases.contains('4') { 1e-4 } else { 0.0 };
             for (g, e) in got.iter().zip(&expected) {
                 assert_eq!(g.0, e.0, "phases {phases}: tokens differ");
-                assert_eq!(g.1.last(), e.1.last(), "phases {phases}: logits differ");
+                assert_close(&g.1, &e.1, tolerance, phases);
             }
             let statuses = p.statuses();
             for phase in Phase::ALL {
@@ -1635,9 +1660,10 @@ mod tests {
         let s = &p.statuses()[Phase::Swapping as usize];
         assert_eq!(s.state, PhaseState::Deactivated, "{}", s.reason);
         // Swapping is lossless and the move to RAM copies exact f32: every
-        // token and every logit row, before and after the switch, match.
+        // token and every logit row, before and after the switch, match
+        // (up to the order the chunked prefill sums attention in).
         assert_eq!(got[0].0, expected[0].0);
-        assert_eq!(got[0].1, expected[0].1);
+        assert_close(&got[0].1, &expected[0].1, 1e-4, "4");
     }
 
     #[test]
