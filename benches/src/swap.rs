@@ -32,6 +32,10 @@
 //! medians are compared. Hot rates (one 1 MiB piece hashed repeatedly) and
 //! the software CRC are in the details.
 //!
+//! Prefill: a SmolLM2 prompt into a swapping cache at a 1/4 budget, in
+//! chunks that stay resident (`TextDecoder::forward`) against one pass.
+//! The bench syncs the disk first, and after that baseline's writes.
+//!
 //! Switch-off: the runtime's move of a swapped context back to RAM when it
 //! switches swapping off mid-request (`qvl_model::kv::copy_blocks`, a layer
 //! of all blocks per call) against a read per block and layer, on a
