@@ -448,11 +448,16 @@ impl BufferAllocator for HostPool {
             let s = inner.arena.stats();
             (s.commits, s.decommits)
         };
+        let allocated = c.allocated.load(Relaxed);
+        let reserved = c.arena_reserved.load(Relaxed) + c.system_bytes.load(Relaxed);
         AllocatorStats {
-            allocated_bytes: c.allocated.load(Relaxed),
-            reserved_bytes: c.arena_reserved.load(Relaxed) + c.system_bytes.load(Relaxed),
-            peak_allocated_bytes: c.peak_allocated.load(Relaxed),
-            peak_reserved_bytes: c.peak_reserved.load(Relaxed),
+            allocated_bytes: allocated,
+            reserved_bytes: reserved,
+            // A peak is raised just after its counter, so a snapshot taken
+            // in between would show less than the current value; the peak
+            // is at least what was just read.
+            peak_allocated_bytes: c.peak_allocated.load(Relaxed).max(allocated),
+            peak_reserved_bytes: c.peak_reserved.load(Relaxed).max(reserved),
             alloc_count: c.alloc_count.load(Relaxed) + allocs,
             free_count: c.free_count.load(Relaxed) + frees,
             os_alloc_count: commits + c.system_allocs.load(Relaxed),

@@ -374,11 +374,14 @@ impl<B: CudaBacking> BufferAllocator for CudaPool<B> {
             .arena
             .as_ref()
             .map_or((0, 0), |a| (a.stats().commits, a.stats().decommits));
+        let allocated = c.allocated.load(Relaxed);
+        let reserved = mapped + c.driver_bytes.load(Relaxed);
         AllocatorStats {
-            allocated_bytes: c.allocated.load(Relaxed),
-            reserved_bytes: mapped + c.driver_bytes.load(Relaxed),
-            peak_allocated_bytes: c.peak_allocated.load(Relaxed),
-            peak_reserved_bytes: c.peak_reserved.load(Relaxed),
+            allocated_bytes: allocated,
+            reserved_bytes: reserved,
+            // Raised just after their counters (see the host pool).
+            peak_allocated_bytes: c.peak_allocated.load(Relaxed).max(allocated),
+            peak_reserved_bytes: c.peak_reserved.load(Relaxed).max(reserved),
             alloc_count: c.alloc_count.load(Relaxed),
             free_count: c.free_count.load(Relaxed),
             os_alloc_count: commits + c.driver_allocs.load(Relaxed),
