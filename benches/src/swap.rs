@@ -419,6 +419,27 @@ fn checksum_rates(quick: bool) -> ChecksumRates {
 }
 
 /// Every budget for one model: the context filled afresh for each.
+/// The swap space every part of this bench opens: `kv_bytes` of KV over
+/// `layers` layers, LRU, O_DIRECT where the file system allows.
+fn swap_config(
+    swap_dir: &Path,
+    layers: usize,
+    kv_bytes: usize,
+    memory_threshold: f64,
+) -> SwapConfig {
+    SwapConfig {
+        enabled: true,
+        memory_threshold,
+        swap_directory: swap_dir.to_path_buf(),
+        eviction_policy: EvictionPolicyKind::Lru,
+        max_inflight: MAX_INFLIGHT,
+        io_mode: IoMode::Auto,
+        // Each layer's stream reserves up to 4 MiB ahead.
+        capacity_bytes: kv_bytes as u64 * 5 / 4 + (layers as u64 + 2) * (4 << 20),
+        target_read_latency_us: 50_000,
+    }
+}
+
 /// Writes every dirty page out and flushes the disk's cache (`sync(2)`),
 /// so that a measurement does not read through write-back it did not make.
 fn settle_disk() {
@@ -465,16 +486,7 @@ fn prefill_under_budget(
     let positions: Vec<[i64; 3]> = (0..tokens as i64).map(|i| [i; 3]).collect();
     let kv_bytes = tokens.div_ceil(BLOCK_TOKENS) * layout.block_floats() * 4;
     let budget = kv_bytes / 4;
-    let config = SwapConfig {
-        enabled: true,
-        memory_threshold: 0.75,
-        swap_directory: swap_dir.to_path_buf(),
-        eviction_policy: EvictionPolicyKind::Lru,
-        max_inflight: MAX_INFLIGHT,
-        io_mode: IoMode::Auto,
-        capacity_bytes: kv_bytes as u64 * 5 / 4 + (layout.layers as u64 + 2) * (4 << 20),
-        target_read_latency_us: 50_000,
-    };
+    let config = swap_config(swap_dir, layout.layers, kv_bytes, 0.75);
     let (mut chunked, mut one_pass) = (Vec::new(), Vec::new());
     let mut chunk_tokens = 0;
     for round in 0..rounds {
@@ -566,16 +578,8 @@ fn switch_off_copy(swap_dir: &Path, quick: bool) -> Result<SwitchOff> {
     let kv_bytes = blocks * block_bytes;
     let budget = kv_bytes / 8;
     let window = (kv_bytes / layout.layers * 2).min(budget - block_bytes);
-    let config = SwapConfig {
-        enabled: true,
-        memory_threshold: (budget - window) as f64 / budget as f64,
-        swap_directory: swap_dir.to_path_buf(),
-        eviction_policy: EvictionPolicyKind::Lru,
-        max_inflight: MAX_INFLIGHT,
-        io_mode: IoMode::Auto,
-        capacity_bytes: kv_bytes as u64 * 5 / 4 + (layout.layers as u64 + 2) * (4 << 20),
-        target_read_latency_us: 50_000,
-    };
+    let threshold = (budget - window) as f64 / budget as f64;
+    let config = swap_config(swap_dir, layout.layers, kv_bytes, threshold);
     let (mut layered, mut chunked) = (Vec::new(), Vec::new());
     let mut swapped_blocks = 0;
     for round in 0..rounds {
@@ -833,17 +837,7 @@ fn measure(
     };
     let window = two_layers.min(budget - block_bytes);
     let memory_threshold = (budget - window) as f64 / budget as f64;
-    let config = SwapConfig {
-        enabled: true,
-        memory_threshold,
-        swap_directory: swap_dir.to_path_buf(),
-        eviction_policy: EvictionPolicyKind::Lru,
-        max_inflight: MAX_INFLIGHT,
-        io_mode: IoMode::Auto,
-        // Each layer's stream reserves up to 4 MiB ahead.
-        capacity_bytes: kv_bytes as u64 * 5 / 4 + (layers as u64 + 2) * (4 << 20),
-        target_read_latency_us: 50_000,
-    };
+    let config = swap_config(swap_dir, layers, kv_bytes, memory_threshold);
     let storage = SwappingKvStorage::new(layout, &config, budget)
         .context("opening the swapping KV storage")?;
     let monitor = storage.monitor();
