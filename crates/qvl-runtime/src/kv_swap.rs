@@ -572,11 +572,19 @@ impl SwappingKvStorage {
 
     /// Writes resident victims out until `incoming` more bytes fit under the
     /// threshold, with some headroom so that write-outs come in batches.
+    /// What [`Self::make_room`] swaps resident blocks down to once they
+    /// pass their share: a quarter of it free, so that the next few blocks
+    /// need no swap-out of their own.
+    fn resident_after_room(&self) -> usize {
+        self.resident_cap * 3 / 4
+    }
+
     fn make_room(&mut self, incoming: usize) -> Result<()> {
         if self.resident_bytes + incoming <= self.resident_cap {
             return Ok(());
         }
-        let target = (self.resident_cap * 3 / 4)
+        let target = self
+            .resident_after_room()
             .max(self.block_bytes())
             .min(self.resident_cap - incoming.min(self.resident_cap));
         let mut victims = Vec::new();
@@ -1284,7 +1292,7 @@ impl KvBlockStorage for SwappingKvStorage {
     /// down to 3/4 of the resident share, least recently used first, so
     /// the blocks a pass allocates survive it when they fit in that.
     fn write_window_blocks(&self) -> Option<usize> {
-        Some((self.resident_cap * 3 / 4 / self.block_bytes()).max(1))
+        Some((self.resident_after_room() / self.block_bytes()).max(1))
     }
 }
 
