@@ -69,3 +69,53 @@ fn a_preprocessed_image_runs_through_the_tiny_model() {
     assert!(diff < 1e-4, "{diff}");
     assert_eq!(a[0] as usize, qvl_model::ops::argmax(&last));
 }
+
+/// What `qvl run` relies on to recompute a request after its KV storage
+/// failed: one prefill of the prompt (with its image) and the tokens
+/// generated so far gives the logits that decoding them one by one gave.
+#[test]
+fn one_prefill_of_a_prompt_and_its_reply_equals_decoding_the_reply() {
+    use qvl_model::{generate, ImageInput, Logits, Qwen3VlModel, SafetensorsFile};
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny")).unwrap();
+    let images = SafetensorsFile::open(&data.join("images/images.safetensors")).unwrap();
+    let grid = images
+        .expect_tensor("exact_64x96.image_grid_thw")
+        .unwrap()
+        .to_i64_vec()
+        .unwrap();
+    let input = ImageInput {
+        pixel_values: images
+            .expect_tensor("exact_64x96.pixel_values")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap(),
+        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
+    };
+    let mut prompt = vec![10, 11];
+    prompt.extend(model.image_placeholder(input.grid_thw[0]));
+    prompt.extend([12, 13]);
+    let reply = generate(&model, &prompt, Some(&input), 6).unwrap();
+    let mut session = model.new_session();
+    let mut stepped = model
+        .prefill(&mut session, &prompt, Some(&input), Logits::Last)
+        .unwrap();
+    for &t in &reply[..4] {
+        stepped = model.decode_step(&mut session, t).unwrap();
+    }
+    let all: Vec<u32> = prompt.iter().chain(&reply[..4]).copied().collect();
+    let mut again = model.new_session();
+    let recomputed = model
+        .prefill(&mut again, &all, Some(&input), Logits::Last)
+        .unwrap();
+    let diff = stepped
+        .iter()
+        .zip(&recomputed)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    assert_eq!(qvl_model::ops::argmax(&recomputed) as u32, reply[4]);
+    // Decoding goes on from the recomputed session as from the first.
+    let next = model.decode_step(&mut again, reply[4]).unwrap();
+    assert_eq!(qvl_model::ops::argmax(&next) as u32, reply[5]);
+}

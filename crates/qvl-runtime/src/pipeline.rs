@@ -511,6 +511,8 @@ pub struct Pipeline {
     codec_monitor: Option<(KvCodecMonitor, crate::kv_codec::KvCodecStats)>,
     swap_monitors: Vec<KvSwapMonitor>,
     next_request: u64,
+    /// Requests recomputed after their KV storage failed.
+    kv_recoveries: usize,
 }
 
 impl fmt::Debug for Pipeline {
@@ -570,6 +572,7 @@ impl Pipeline {
             codec_monitor: None,
             swap_monitors: Vec::new(),
             next_request: 0,
+            kv_recoveries: 0,
             config,
         };
         // When compression or swapping will hold the KV blocks, the pool only
@@ -1001,6 +1004,36 @@ impl Pipeline {
         };
         self.probe = Some((Arc::clone(&probe), owner, 0));
         PagedKvCache::new(Box::new(PhasedKvStorage::new(inner, plain, probe)))
+    }
+
+    /// The current request's KV storage failed with `error` (a damaged,
+    /// missing or truncated swap file, a full disk): marks the manager that
+    /// held the KV failed, for this request and later ones, and returns its
+    /// phase and a fresh cache on the path that remains (the next manager
+    /// that is on, else plain RAM). The caller recomputes the request into it (its
+    /// prompt and the tokens generated so far); nothing is read from the
+    /// failed storage again. Gives `error` back when it is not a KV storage
+    /// error or no manager held the KV (the plain path itself failed).
+    pub fn recover_kv(&mut self, error: ModelError) -> Result<(Phase, PagedKvCache), ModelError> {
+        let phase = match (&error, &self.probe) {
+            (ModelError::KvCache(_), Some((_, owner, _))) => owner.phase(),
+            _ => None,
+        };
+        let Some(phase) = phase else {
+            return Err(error);
+        };
+        self.kv_recoveries += 1;
+        self.fail(
+            phase,
+            format!("its KV storage failed mid-request ({error}); the request was recomputed without it"),
+        );
+        Ok((phase, self.new_kv_cache()))
+    }
+
+    /// How many times a request's KV was recomputed after its storage
+    /// failed ([`Pipeline::recover_kv`]).
+    pub fn kv_recoveries(&self) -> usize {
+        self.kv_recoveries
     }
 
     fn fail(&mut self, phase: Phase, reason: String) {
@@ -1664,6 +1697,96 @@ mod tests {
         // (up to the order the chunked prefill sums attention in).
         assert_eq!(got[0].0, expected[0].0);
         assert_close(&got[0].1, &expected[0].1, 1e-4, "4");
+    }
+
+    /// Overwrites every swap file under `dir` with garbage, keeping its length.
+    fn damage_swap_files(dir: &std::path::Path) -> usize {
+        let mut damaged = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with(qvl_swap::dir::FILE_PREFIX) {
+                continue;
+            }
+            let len = std::fs::metadata(&path).unwrap().len() as usize;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x5a; len], 0).unwrap();
+            f.sync_all().unwrap();
+            damaged += 1;
+        }
+        damaged
+    }
+
+    #[test]
+    fn a_damaged_swap_file_mid_request_is_recomputed_without_swapping() {
+        let dec = tiny_decoder();
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tiny_config(tmp.path());
+        let hw = Hardware::detect(&config);
+        let noop = Arc::new(qvl_core::NoopRecorder);
+        let prompt: Vec<u32> = (1..40).collect();
+        let steps = 12;
+        let mut base = Pipeline::build(&config, &hw, &options(&dec, "none", None), noop.clone());
+        let expected = run(&dec, &mut base, std::slice::from_ref(&prompt), steps);
+        let (expected_tokens, expected_rows) = &expected[0];
+
+        // 39 prompt tokens in blocks of 4 and a budget of 3 blocks: most
+        // blocks live on SSD, and every step reads them back.
+        let block = dec.kv_layout(4).block_floats() * 4;
+        let budget = Some(ByteSize((3 * block) as u64));
+        let mut p = Pipeline::build(&config, &hw, &options(&dec, "4", budget), noop);
+        let mut kv = p.new_kv_cache();
+        let positions: Vec<[i64; 3]> = (0..prompt.len() as i64).map(|i| [i; 3]).collect();
+        let hidden = dec.embed(&prompt).unwrap();
+        let mut logits = dec
+            .forward(&mut kv, hidden, &prompt, &positions, None, Logits::Last)
+            .unwrap();
+        let mut rows = vec![logits.clone()];
+        let mut tokens = Vec::new();
+        let mut failure = None;
+        for step in 0..steps {
+            if step == 3 {
+                assert!(damage_swap_files(tmp.path()) > 0, "no swap file to damage");
+            }
+            let next = argmax(&logits) as u32;
+            tokens.push(next);
+            let pos = (prompt.len() + step) as i64;
+            let hidden = dec.embed(&[next]).unwrap();
+            logits = match dec.forward(&mut kv, hidden, &[next], &[[pos; 3]], None, Logits::Last) {
+                Ok(l) => l,
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    // What a caller does: a fresh cache, then the prompt and
+                    // every token so far again.
+                    let (phase, cache) = p.recover_kv(e).unwrap();
+                    assert_eq!(phase, Phase::Swapping);
+                    kv = cache;
+                    let all: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
+                    let positions: Vec<[i64; 3]> = (0..all.len() as i64).map(|i| [i; 3]).collect();
+                    let hidden = dec.embed(&all).unwrap();
+                    dec.forward(&mut kv, hidden, &all, &positions, None, Logits::Last)
+                        .unwrap()
+                }
+            };
+            rows.push(logits.clone());
+        }
+        let failure = failure.expect("the damaged swap file was never read");
+        assert!(
+            failure.contains("checksum") || failure.contains("corrupt"),
+            "{failure}"
+        );
+        assert_eq!(p.kv_recoveries(), 1);
+        let s = &p.statuses()[Phase::Swapping as usize];
+        assert_eq!(s.state, PhaseState::Failed, "{}", s.reason);
+        assert!(s.reason.contains("recomputed"), "{}", s.reason);
+        // No wrong KV was used: the tokens and logits are those of the run
+        // that never swapped (up to the order prefill sums attention in).
+        assert_eq!(&tokens, expected_tokens);
+        assert_close(&rows, expected_rows, 1e-4, "4, recovered");
+        // The request now runs on plain RAM: a failure there has nothing
+        // to fall back to, and other errors are never taken for KV faults.
+        assert!(p.recover_kv(ModelError::KvCache("plain".into())).is_err());
+        assert!(p.recover_kv(ModelError::InvalidInput("x".into())).is_err());
     }
 
     #[test]

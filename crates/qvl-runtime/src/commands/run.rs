@@ -73,6 +73,10 @@ struct RunStats {
     load_secs: f64,
     /// Lines about the streamed weights (per tier, migrations, reads).
     tier_report: Vec<String>,
+    /// Tokens computed again after a KV storage failed (see `recover`),
+    /// and the time that took.
+    recomputed_tokens: usize,
+    recompute_secs: f64,
 }
 
 /// The prompts of a run: `--prompt` values, then the lines of `--prompts`.
@@ -253,28 +257,85 @@ fn default_model() -> Result<PathBuf> {
     .context("fetching the default model (or pass --model PATH)")
 }
 
-/// Greedy decoding after a prefill: streams each token to stdout, times
-/// every decode step for the pipeline, stops at a stop token or
-/// `max_tokens`.
-fn decode_loop(
-    mut logits: Vec<f32>,
+/// One request's model calls, as the request loop needs them.
+trait RequestRun {
+    /// The first prefill: the prompt after the `reused` tokens the prefix
+    /// cache imported into the session.
+    fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>>;
+    /// One decode step: appends `token`, returns its logits.
+    fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>>;
+    /// Starts the request again in `cache`: the whole prompt and then
+    /// `generated`, in one prefill; returns the last logits.
+    fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>>;
+    /// The session's KV cache.
+    fn cache(&self) -> &PagedKvCache;
+}
+
+/// Recovers from `error` of a prefill or decode step: when the request's
+/// KV storage failed (see [`Pipeline::recover_kv`]), its manager is
+/// switched off and the request is recomputed on the path that remains,
+/// so the reply goes on where it was; any other error is the request's.
+fn recover(
+    error: qvl_model::ModelError,
+    pipeline: &mut Pipeline,
+    request: &mut dyn RequestRun,
+    generated: &[u32],
+    stats: &mut RunStats,
+) -> Result<Vec<f32>> {
+    let mut error = error;
+    // Each round switches one more manager off; the plain path's own
+    // failure comes back as the error.
+    loop {
+        let message = error.to_string();
+        let (phase, cache) = pipeline.recover_kv(error)?;
+        eprintln!(
+            "\nwarning: the KV storage of phase {} {} failed ({message}); the phase is off for the rest of the run, and this request is recomputed without it ({} tokens generated so far)",
+            phase.number(),
+            phase.name(),
+            generated.len()
+        );
+        let t = Instant::now();
+        match request.recompute(cache, generated) {
+            Ok(logits) => {
+                stats.recompute_secs += t.elapsed().as_secs_f64();
+                stats.recomputed_tokens += request.cache().len();
+                return Ok(logits);
+            }
+            Err(e) => error = e,
+        }
+    }
+}
+
+/// One request: the prefix cache's import (already in the session), the
+/// prefill, then greedy decoding that streams each token to stdout, times
+/// every decode step for the pipeline and stops at a stop token or
+/// `max_tokens`. A failed KV storage is recovered from (see [`recover`]).
+fn serve_request(
+    request: &mut dyn RequestRun,
+    reused: usize,
     stops: &[u32],
     setup: &PipelineSetup<'_>,
     pipeline: &mut Pipeline,
     decoder: &mut qvl_model::tokenizer::StreamDecoder<'_>,
-    step: &mut dyn FnMut(u32) -> qvl_model::Result<Vec<f32>>,
     stats: &mut RunStats,
 ) -> Result<()> {
+    let t = Instant::now();
+    let first = request.prefill(reused);
+    stats.prefill_secs += t.elapsed().as_secs_f64();
+    let mut logits = match first {
+        Ok(logits) => logits,
+        Err(e) => recover(e, pipeline, request, &[], stats)?,
+    };
     let (max_tokens, recorder) = (setup.max_tokens, setup.recorder.as_ref());
     let mut out = std::io::stdout().lock();
     let mut last_token = Instant::now();
-    let mut generated = 0;
-    while generated < max_tokens {
+    let mut generated = Vec::new();
+    while generated.len() < max_tokens {
         let next = qvl_model::ops::argmax(&logits) as u32;
         if stops.contains(&next) {
             break;
         }
-        generated += 1;
+        generated.push(next);
         // One event per token: the dashboard's tokens/s is live.
         recorder.record(&MetricEvent::Tokens {
             count: 1,
@@ -284,19 +345,92 @@ fn decode_loop(
         out.write_all(decoder.push(next).as_bytes())
             .and_then(|()| out.flush())
             .context("writing to stdout")?;
-        if generated == max_tokens {
+        if generated.len() == max_tokens {
             break;
         }
         let t = Instant::now();
-        logits = step(next)?;
+        logits = match request.step(next) {
+            Ok(logits) => logits,
+            Err(e) => {
+                // Not a decode step: the recomputation is timed apart.
+                logits = recover(e, pipeline, request, &generated, stats)?;
+                continue;
+            }
+        };
         let took = t.elapsed();
         pipeline.end_step(took);
         stats.decode_secs += took.as_secs_f64();
         stats.decode_steps += 1;
     }
-    stats.generated += generated;
+    stats.generated += generated.len();
     writeln!(out, "{}", decoder.finish()).context("writing to stdout")?;
+    stats.kv_bytes = stats.kv_bytes.max(request.cache().used_bytes());
+    stats.kv_tokens = stats.kv_tokens.max(request.cache().len());
+    stats.requests += 1;
     Ok(())
+}
+
+/// A GGUF text model's request.
+struct GgufRequest<'a> {
+    model: &'a GgufTextModel,
+    session: TextSession,
+    ids: &'a [u32],
+}
+
+impl RequestRun for GgufRequest<'_> {
+    fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
+        self.model
+            .prefill(&mut self.session, &self.ids[reused..], Logits::Last)
+    }
+
+    fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
+        self.model.decode_step(&mut self.session, token)
+    }
+
+    fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>> {
+        self.session = TextSession { cache };
+        let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
+        self.model.prefill(&mut self.session, &all, Logits::Last)
+    }
+
+    fn cache(&self) -> &PagedKvCache {
+        &self.session.cache
+    }
+}
+
+/// A Qwen3-VL request: its ids (image placeholders included) and images.
+struct VlRequest<'a> {
+    model: &'a Qwen3VlModel,
+    session: qvl_model::qwen3vl::Session,
+    ids: &'a [u32],
+    images: Option<&'a ImageInput>,
+}
+
+impl RequestRun for VlRequest<'_> {
+    fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
+        self.model.prefill(
+            &mut self.session,
+            &self.ids[reused..],
+            self.images,
+            Logits::Last,
+        )
+    }
+
+    fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
+        self.model.decode_step(&mut self.session, token)
+    }
+
+    fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>> {
+        self.session = self.model.new_session();
+        self.session.cache = cache;
+        let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
+        self.model
+            .prefill(&mut self.session, &all, self.images, Logits::Last)
+    }
+
+    fn cache(&self) -> &PagedKvCache {
+        &self.session.cache
+    }
 }
 
 fn run_gguf(
@@ -353,25 +487,24 @@ fn run_gguf(
         let reused = pipeline.begin_request(ids, ids.len(), &mut |tokens, block| {
             session.cache.import_block(tokens, block)
         })?;
-        let t = Instant::now();
-        let logits = model.prefill(&mut session, &ids[reused..], Logits::Last)?;
-        stats.prefill_secs += t.elapsed().as_secs_f64();
         stats.prompt_tokens += ids.len();
         stats.reused_tokens += reused;
+        let mut request = GgufRequest {
+            model: &model,
+            session,
+            ids,
+        };
         let mut decoder = model.tokenizer().stream_decoder();
-        decode_loop(
-            logits,
+        serve_request(
+            &mut request,
+            reused,
             &stops,
             setup,
             &mut pipeline,
             &mut decoder,
-            &mut |tok| model.decode_step(&mut session, tok),
             &mut stats,
         )?;
-        stats.kv_bytes = stats.kv_bytes.max(session.cache.used_bytes());
-        stats.kv_tokens = stats.kv_tokens.max(session.len());
-        stats.requests += 1;
-        pipeline.end_request(session.cache, ids, ids.len())?;
+        pipeline.end_request(request.session.cache, ids, ids.len())?;
     }
     stats.tier_report = tiering.report();
     Ok((stats, pipeline))
@@ -432,29 +565,25 @@ fn run_qwen3vl(
         let reused = pipeline.begin_request(ids, cacheable, &mut |tokens, block| {
             session.import_text_block(tokens, block)
         })?;
-        let t = Instant::now();
-        let logits = model.prefill(&mut session, &ids[reused..], images, Logits::Last)?;
-        stats.prefill_secs += t.elapsed().as_secs_f64();
         stats.prompt_tokens += ids.len();
         stats.reused_tokens += reused;
+        let mut request = VlRequest {
+            model: &model,
+            session,
+            ids,
+            images,
+        };
         let mut decoder = tokenizer.stream_decoder();
-        decode_loop(
-            logits,
+        serve_request(
+            &mut request,
+            reused,
             &stops,
             setup,
             &mut pipeline,
             &mut decoder,
-            &mut |tok| model.decode_step(&mut session, tok),
             &mut stats,
         )?;
-        stats.kv_bytes = stats.kv_bytes.max(session.cache.used_bytes());
-        stats.kv_tokens = stats.kv_tokens.max(session.len());
-        stats.requests += 1;
-        let cache = std::mem::replace(
-            &mut session.cache,
-            PagedKvCache::in_memory(model.text().kv_layout(DEFAULT_BLOCK_TOKENS)),
-        );
-        pipeline.end_request(cache, ids, cacheable)?;
+        pipeline.end_request(request.session.cache, ids, cacheable)?;
     }
     Ok((stats, pipeline))
 }
@@ -561,6 +690,12 @@ fn print_report(s: &RunStats) {
         s.decode_steps,
         s.decode_secs
     );
+    if s.recomputed_tokens > 0 {
+        eprintln!(
+            "recomputed      {} tokens in {:.2} s, after the KV storage failed (see the warning above)",
+            s.recomputed_tokens, s.recompute_secs
+        );
+    }
     for line in &s.tier_report {
         eprintln!("weights tier    {line}");
     }
