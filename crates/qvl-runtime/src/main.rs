@@ -163,6 +163,8 @@ enum Command {
     },
     /// Greedy replies to many prompts at once (continuous batching): each
     /// reply streamed tagged by its prompt's index, then aggregate tokens/s.
+    /// Every sequence's KV stays in RAM, f32: the memory phases (pool,
+    /// cache, compression, swapping, tiering, gc) run in `qvl run`.
     Batch {
         /// A .gguf model; default: SmolLM2-135M-Instruct from the models cache.
         #[arg(long)]
