@@ -16,7 +16,7 @@ use crate::kv::{PagedKvCache, DEFAULT_BLOCK_TOKENS};
 use crate::ops::{argmax, Activation};
 use crate::qweight::{BlockFormat, LoadOptions, QuantizingSource, WeightFormat, WeightReport};
 use crate::tensor::{Bytes, StoredTensor};
-use crate::text::{DecoderTensorNames, LayerProvider, Logits, TextDecoder};
+use crate::text::{DecoderTensorNames, ForwardInput, LayerProvider, Logits, TextDecoder};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use qvl_core::DType;
 use std::collections::HashMap;
@@ -485,6 +485,37 @@ impl GgufTextModel {
         let hidden = self.decoder.embed(ids)?;
         self.decoder
             .forward(&mut session.cache, hidden, ids, &positions, None, logits)
+    }
+
+    /// [`Self::prefill`] for a caller that shows progress on long prompts:
+    /// chunks of at most `chunk_tokens`, `progress` hearing `(tokens done,
+    /// tokens in all)` after each; logits within 1e-4 of one pass.
+    pub fn prefill_with_progress(
+        &self,
+        session: &mut TextSession,
+        ids: &[u32],
+        logits: Logits,
+        chunk_tokens: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(ModelError::InvalidInput("prefill of no tokens".to_string()));
+        }
+        let start = session.cache.len() as i64;
+        let positions: Vec<[i64; 3]> = (0..ids.len() as i64).map(|i| [start + i; 3]).collect();
+        let input = ForwardInput {
+            hidden: self.decoder.embed(ids)?,
+            tokens: ids,
+            positions: &positions,
+            deepstack: None,
+        };
+        self.decoder.forward_with_progress(
+            &mut session.cache,
+            input,
+            logits,
+            chunk_tokens,
+            progress,
+        )
     }
 
     /// One decode step: appends `token`, returns its logits (`vocab`).

@@ -7,7 +7,7 @@ use crate::config::Qwen3VlConfig;
 use crate::error::{ModelError, Result};
 use crate::kv::{PagedKvCache, DEFAULT_BLOCK_TOKENS};
 use crate::ops::argmax;
-use crate::text::{DecoderTensorNames, DeepstackFeatures, Logits, TextDecoder};
+use crate::text::{DecoderTensorNames, DeepstackFeatures, ForwardInput, Logits, TextDecoder};
 use crate::vision::VisionEncoder;
 use std::path::Path;
 
@@ -209,6 +209,35 @@ impl Qwen3VlModel {
         images: Option<&ImageInput>,
         logits: Logits,
     ) -> Result<Vec<f32>> {
+        self.prefill_inner(session, ids, images, logits, None, &mut |_, _| {})
+    }
+
+    /// [`Self::prefill`] for a caller that shows progress on long prompts:
+    /// the text runs in chunks of at most `chunk_tokens` (after the images
+    /// are encoded), and `progress` hears `(tokens done, tokens in all)`
+    /// after each. Logits are those of one pass within 1e-4 (chunks change
+    /// only the order attention sums in).
+    pub fn prefill_with_progress(
+        &self,
+        session: &mut Session,
+        ids: &[u32],
+        images: Option<&ImageInput>,
+        logits: Logits,
+        chunk_tokens: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        self.prefill_inner(session, ids, images, logits, Some(chunk_tokens), progress)
+    }
+
+    fn prefill_inner(
+        &self,
+        session: &mut Session,
+        ids: &[u32],
+        images: Option<&ImageInput>,
+        logits: Logits,
+        chunk_tokens: Option<usize>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(ModelError::InvalidInput("prefill of no tokens".to_string()));
         }
@@ -244,14 +273,28 @@ impl Qwen3VlModel {
             rows: &image_rows,
             layers: &v.deepstack,
         });
-        let out = self.text.forward(
-            &mut session.cache,
-            hidden,
-            ids,
-            &positions,
-            deepstack.as_ref(),
-            logits,
-        )?;
+        let out = match chunk_tokens {
+            None => self.text.forward(
+                &mut session.cache,
+                hidden,
+                ids,
+                &positions,
+                deepstack.as_ref(),
+                logits,
+            )?,
+            Some(chunk_tokens) => self.text.forward_with_progress(
+                &mut session.cache,
+                ForwardInput {
+                    hidden,
+                    tokens: ids,
+                    positions: &positions,
+                    deepstack: deepstack.as_ref(),
+                },
+                logits,
+                chunk_tokens,
+                progress,
+            )?,
+        };
         session.next_position = next;
         Ok(out)
     }

@@ -236,6 +236,27 @@ pub enum Logits {
     Last,
 }
 
+/// Chunk size for prefills that show progress
+/// ([`TextDecoder::forward_with_progress`]): small enough that a progress
+/// line comes every second or so on a laptop CPU, large enough that the
+/// matmuls stay efficient (`cargo xtask bench model` compares it with one
+/// pass).
+pub const PROGRESS_CHUNK_TOKENS: usize = 256;
+
+/// The input of one forward pass over a sequence: `n x hidden` input
+/// embeddings of `tokens` at `positions`, and the deepstack features of
+/// its visual rows (Qwen3-VL), if any.
+pub struct ForwardInput<'a, 'd> {
+    /// Input embeddings, `tokens.len() x hidden`.
+    pub hidden: Vec<f32>,
+    /// The tokens.
+    pub tokens: &'a [u32],
+    /// Their (multimodal) rotary positions.
+    pub positions: &'a [[i64; 3]],
+    /// Deepstack features of the visual rows.
+    pub deepstack: Option<&'a DeepstackFeatures<'d>>,
+}
+
 /// One sequence of a batched forward ([`TextDecoder::forward_batch`]): its
 /// KV cache, the tokens it appends (one when decoding, a prompt when
 /// prefilling) and their RoPE positions (per sequence: each has its own).
@@ -447,11 +468,52 @@ impl TextDecoder {
         deepstack: Option<&DeepstackFeatures<'_>>,
         logits: Logits,
     ) -> Result<Vec<f32>> {
+        let input = ForwardInput {
+            hidden,
+            tokens,
+            positions,
+            deepstack,
+        };
+        self.forward_in_chunks(cache, input, logits, None, &mut |_, _| {})
+    }
+
+    /// [`Self::forward`] for long inputs whose caller shows progress: past
+    /// `chunk_tokens` tokens the input runs in chunks of at most that many
+    /// (fewer when the cache's write window is smaller), and `progress`
+    /// hears `(tokens done, tokens in all)` after each. Chunks change only
+    /// the order attention sums in (logits within 1e-4 of one pass).
+    pub fn forward_with_progress(
+        &self,
+        cache: &mut PagedKvCache,
+        input: ForwardInput<'_, '_>,
+        logits: Logits,
+        chunk_tokens: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        self.forward_in_chunks(cache, input, logits, Some(chunk_tokens.max(1)), progress)
+    }
+
+    fn forward_in_chunks(
+        &self,
+        cache: &mut PagedKvCache,
+        input: ForwardInput<'_, '_>,
+        logits: Logits,
+        chunk_tokens: Option<usize>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        let ForwardInput {
+            hidden,
+            tokens,
+            positions,
+            deepstack,
+        } = input;
         let n = tokens.len();
         let h = self.config.hidden_size;
-        let chunk = cache
-            .write_window_tokens()
-            .filter(|&c| c < n && hidden.len() == n * h && positions.len() == n);
+        let chunk = match (cache.write_window_tokens(), chunk_tokens) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .filter(|&c| c < n && hidden.len() == n * h && positions.len() == n);
         let Some(chunk) = chunk else {
             // One pass (forward_rows checks the shapes).
             let mut seqs = [BatchSequence {
@@ -459,7 +521,9 @@ impl TextDecoder {
                 tokens,
                 positions,
             }];
-            return self.forward_rows(&mut seqs, hidden, deepstack, logits);
+            let out = self.forward_rows(&mut seqs, hidden, deepstack, logits)?;
+            progress(n, n);
+            return Ok(out);
         };
         let mut out = Vec::new();
         let mut start = 0;
@@ -505,6 +569,7 @@ impl TextDecoder {
             if logits == Logits::All || end == n {
                 out.extend(rows);
             }
+            progress(end, n);
             start = end;
         }
         Ok(out)

@@ -119,3 +119,69 @@ fn one_prefill_of_a_prompt_and_its_reply_equals_decoding_the_reply() {
     let next = model.decode_step(&mut again, reply[4]).unwrap();
     assert_eq!(qvl_model::ops::argmax(&next) as u32, reply[5]);
 }
+
+/// `qvl run` prefills long prompts in chunks to show progress: chunks that
+/// cut through an image's rows give the logits of one pass, and progress
+/// hears every chunk, ending at the whole prompt.
+#[test]
+fn a_prefill_in_chunks_with_progress_equals_one_pass() {
+    use qvl_model::{ImageInput, Logits, Qwen3VlModel, SafetensorsFile};
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny")).unwrap();
+    let images = SafetensorsFile::open(&data.join("images/images.safetensors")).unwrap();
+    let grid = images
+        .expect_tensor("exact_64x96.image_grid_thw")
+        .unwrap()
+        .to_i64_vec()
+        .unwrap();
+    let input = ImageInput {
+        pixel_values: images
+            .expect_tensor("exact_64x96.pixel_values")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap(),
+        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
+    };
+    let mut prompt = vec![10, 11];
+    prompt.extend(model.image_placeholder(input.grid_thw[0]));
+    prompt.extend([12, 13, 14, 15, 16]);
+    let one_pass = model
+        .prefill(&mut model.new_session(), &prompt, Some(&input), Logits::All)
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut session = model.new_session();
+    let chunked = model
+        .prefill_with_progress(
+            &mut session,
+            &prompt,
+            Some(&input),
+            Logits::All,
+            5,
+            &mut |done, total| heard.push((done, total)),
+        )
+        .unwrap();
+    let n = prompt.len();
+    assert_eq!(heard, vec![(5, n), (10, n), (n, n)]);
+    assert_eq!(chunked.len(), one_pass.len());
+    let diff = chunked
+        .iter()
+        .zip(&one_pass)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    // The session goes on from the chunked prefill as from one pass.
+    let a = model.decode_step(&mut session, 20).unwrap();
+    let b = {
+        let mut s = model.new_session();
+        model
+            .prefill(&mut s, &prompt, Some(&input), Logits::Last)
+            .unwrap();
+        model.decode_step(&mut s, 20).unwrap()
+    };
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+}

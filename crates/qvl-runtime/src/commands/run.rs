@@ -257,6 +257,66 @@ fn default_model() -> Result<PathBuf> {
     .context("fetching the default model (or pass --model PATH)")
 }
 
+// Prompts longer than PROGRESS_CHUNK_TOKENS prefill in chunks of that many
+// tokens, with progress on stderr between them (one pass would be silent
+// for as long as it takes: minutes for a long prompt on a laptop CPU).
+use qvl_model::text::PROGRESS_CHUNK_TOKENS;
+
+/// Seconds between progress lines when stderr is not a terminal.
+const PROGRESS_LINE_SECS: f64 = 5.0;
+
+/// Progress of one prefill on stderr: a line rewritten in place on a
+/// terminal, else a line every [`PROGRESS_LINE_SECS`]; nothing for a
+/// prompt that runs in one chunk.
+struct PrefillProgress {
+    what: &'static str,
+    started: Instant,
+    last_line: Instant,
+    terminal: bool,
+    shown: bool,
+}
+
+impl PrefillProgress {
+    fn new(what: &'static str) -> PrefillProgress {
+        let now = Instant::now();
+        PrefillProgress {
+            what,
+            started: now,
+            last_line: now,
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            shown: false,
+        }
+    }
+
+    fn report(&mut self, done: usize, total: usize) {
+        if done >= total {
+            return;
+        }
+        let secs = self.started.elapsed().as_secs_f64();
+        let line = format!(
+            "{} {done}/{total} tokens, {:.0} tokens/s, {:.0} s left",
+            self.what,
+            done as f64 / secs.max(1e-9),
+            secs / done.max(1) as f64 * (total - done) as f64
+        );
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+            self.shown = true;
+        } else if self.last_line.elapsed().as_secs_f64() >= PROGRESS_LINE_SECS {
+            eprintln!("{line}");
+            self.last_line = Instant::now();
+        }
+    }
+
+    /// Clears the in-place line, so the reply starts on a clean one.
+    fn finish(&mut self) {
+        if self.shown {
+            eprint!("\r\x1b[2K");
+            self.shown = false;
+        }
+    }
+}
+
 /// One request's model calls, as the request loop needs them.
 trait RequestRun {
     /// The first prefill: the prompt after the `reused` tokens the prefix
@@ -379,8 +439,16 @@ struct GgufRequest<'a> {
 
 impl RequestRun for GgufRequest<'_> {
     fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
-        self.model
-            .prefill(&mut self.session, &self.ids[reused..], Logits::Last)
+        let mut progress = PrefillProgress::new("prefill");
+        let out = self.model.prefill_with_progress(
+            &mut self.session,
+            &self.ids[reused..],
+            Logits::Last,
+            PROGRESS_CHUNK_TOKENS,
+            &mut |done, total| progress.report(done, total),
+        );
+        progress.finish();
+        out
     }
 
     fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
@@ -390,7 +458,16 @@ impl RequestRun for GgufRequest<'_> {
     fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>> {
         self.session = TextSession { cache };
         let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
-        self.model.prefill(&mut self.session, &all, Logits::Last)
+        let mut progress = PrefillProgress::new("recompute");
+        let out = self.model.prefill_with_progress(
+            &mut self.session,
+            &all,
+            Logits::Last,
+            PROGRESS_CHUNK_TOKENS,
+            &mut |done, total| progress.report(done, total),
+        );
+        progress.finish();
+        out
     }
 
     fn cache(&self) -> &PagedKvCache {
@@ -408,12 +485,17 @@ struct VlRequest<'a> {
 
 impl RequestRun for VlRequest<'_> {
     fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
-        self.model.prefill(
+        let mut progress = PrefillProgress::new("prefill");
+        let out = self.model.prefill_with_progress(
             &mut self.session,
             &self.ids[reused..],
             self.images,
             Logits::Last,
-        )
+            PROGRESS_CHUNK_TOKENS,
+            &mut |done, total| progress.report(done, total),
+        );
+        progress.finish();
+        out
     }
 
     fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
@@ -424,8 +506,17 @@ impl RequestRun for VlRequest<'_> {
         self.session = self.model.new_session();
         self.session.cache = cache;
         let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
-        self.model
-            .prefill(&mut self.session, &all, self.images, Logits::Last)
+        let mut progress = PrefillProgress::new("recompute");
+        let out = self.model.prefill_with_progress(
+            &mut self.session,
+            &all,
+            self.images,
+            Logits::Last,
+            PROGRESS_CHUNK_TOKENS,
+            &mut |done, total| progress.report(done, total),
+        );
+        progress.finish();
+        out
     }
 
     fn cache(&self) -> &PagedKvCache {
