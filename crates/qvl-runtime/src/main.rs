@@ -105,11 +105,13 @@ enum Command {
         /// SSD when the swapping phase is on.
         #[arg(long)]
         kv_budget: Option<qvl_core::ByteSize>,
-        /// How the weight matrices are held (GGUF models): f32, native (the
+        /// How the weight matrices are held (GGUF models): native (the
         /// file's own Q8_0/Q4_0/Q4_1 blocks, dequantized per tile in the
-        /// matmul: about 5x less memory, same perplexity), q8, q4, or
+        /// matmul: about 5x less memory than f32, the same perplexity,
+        /// faster decode), f32 (dequantized at load), q8, q4, or
         /// budget:<relative error> (per matrix, first and last layer exact).
-        #[arg(long, default_value = "f32")]
+        /// Checkpoints (Qwen3-VL) are held as stored either way.
+        #[arg(long, default_value = "native")]
         weights: qvl_model::WeightFormat,
     },
     /// Print what qvl detects on this machine (cores, RAM, GPU, disk) and the profile it picks.

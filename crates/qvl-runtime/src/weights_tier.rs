@@ -630,6 +630,12 @@ impl WeightTiering {
         };
         layers.manager().wait_idle();
         let s = layers.stats();
+        // Every segment has its copy on the SSD tier: that count is all of them.
+        let segments = s
+            .tiers
+            .iter()
+            .find(|t| t.tier == Tier::Ssd)
+            .map_or(0, |t| t.objects);
         let mut lines = Vec::new();
         for t in &s.tiers {
             let line =
@@ -639,18 +645,19 @@ impl WeightTiering {
                         None => "GPU  unavailable (no CUDA)".to_string(),
                     },
                     Tier::Ssd => format!(
-                        "SSD  {:.1} MiB spill file, {} layers",
+                        "SSD  {:.1} MiB spill file, {} layers in {} segments",
                         mib(t.used),
+                        layers.len(),
                         t.objects
                     ),
                     _ => format!(
-                    "{:<4} {:.1} / {:.1} MiB used / budget (peak {:.1} MiB), {} of {} layers kept",
+                    "{:<4} {:.1} / {:.1} MiB used / budget (peak {:.1} MiB), {} of {} segments kept",
                     if t.tier == Tier::HostRam { "RAM" } else { "GPU" },
                     mib(t.used),
                     mib(t.budget),
                     mib(t.peak),
                     t.objects,
-                    layers.len()
+                    segments
                 ),
                 };
             lines.push(line);

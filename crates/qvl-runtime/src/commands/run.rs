@@ -164,9 +164,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let (stats, pipeline) = if model_path.is_dir() {
         WeightTiering::check_checkpoint(args.weight_budgets, &model_path)?;
-        if args.weights != qvl_model::WeightFormat::F32 {
+        // f32 and native both mean "as stored" for a checkpoint.
+        if !matches!(
+            args.weights,
+            qvl_model::WeightFormat::F32 | qvl_model::WeightFormat::Native
+        ) {
             bail!(
-                "--weights {} applies to GGUF models; {} is a Qwen3-VL checkpoint (held in f32)",
+                "--weights {} applies to GGUF models; {} is a Qwen3-VL checkpoint (held in its stored dtype)",
                 args.weights,
                 model_path.display()
             );
