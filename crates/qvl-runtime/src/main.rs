@@ -180,6 +180,10 @@ enum Command {
         /// Most tokens per reply (a reply also stops at end of turn).
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
+        /// How the weight matrices are held: native (the file's own
+        /// quantized blocks), f32, q8, q4 (as `qvl run --weights`).
+        #[arg(long, default_value = "native")]
+        weights: qvl_model::WeightFormat,
     },
     /// Perplexity of a text over one window (mean NLL of every token after
     /// the first, exponentiated), as llama.cpp's perplexity tool reports it.
@@ -394,18 +398,20 @@ fn main() -> ExitCode {
             weight_budgets: Default::default(),
             phases: None,
             kv_budget: None,
-            weights: qvl_model::WeightFormat::F32,
+            weights: qvl_model::WeightFormat::Native,
         }),
         Command::Batch {
             model,
             prompts,
             max_batch,
             max_tokens,
+            weights,
         } => commands::batch::batch(commands::batch::BatchArgs {
             model,
             prompts,
             max_batch,
             max_tokens,
+            weights,
         }),
         Command::Perplexity {
             model,

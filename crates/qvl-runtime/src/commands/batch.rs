@@ -20,6 +20,8 @@ pub struct BatchArgs {
     pub max_batch: usize,
     /// Most tokens per reply.
     pub max_tokens: usize,
+    /// How the weight matrices are held.
+    pub weights: qvl_model::WeightFormat,
 }
 
 /// Reads the prompts of `path`: one a line, blank lines skipped.
@@ -71,12 +73,14 @@ pub fn batch(args: BatchArgs) -> Result<ExitCode> {
     let prompts = read_prompts(&args.prompts)?;
     let path = model_path(args.model)?;
     let t = Instant::now();
-    let model =
-        GgufTextModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = GgufTextModel::load_with_options(&path, &qvl_model::LoadOptions::new(args.weights))
+        .with_context(|| format!("loading {}", path.display()))?;
     eprintln!(
-        "loaded {} in {:.2} s; {} prompts, max batch {}, max tokens {}",
+        "loaded {} in {:.2} s ({} weights, {:.1} MiB); {} prompts, max batch {}, max tokens {}",
         path.display(),
         t.elapsed().as_secs_f64(),
+        args.weights,
+        model.weight_bytes() as f64 / (1 << 20) as f64,
         prompts.len(),
         args.max_batch,
         args.max_tokens
