@@ -11,7 +11,15 @@ use std::process::ExitCode;
 /// memory managers (pool, cache, compress, swap, tier, gc) that can each be
 /// switched on and off.
 #[derive(Debug, Parser)]
-#[command(name = "qvl", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "qvl",
+    version,
+    about = "Qwen3-VL and llama-family GGUF inference on small machines, with six memory managers \
+             (1 pool, 2 cache, 3 compression, 4 swapping, 5 tiering, 6 gc) that each switch on and \
+             off. Start with `qvl run --prompt \"...\"`",
+    long_about = None,
+    propagate_version = true
+)]
 struct Cli {
     /// Log level filter (error, warn, info, debug, trace); QVL_LOG overrides it.
     #[arg(long, global = true, default_value = "warn")]
