@@ -709,6 +709,12 @@ fn tier_error(e: TierError) -> ModelError {
         TierError::Io { what, path, source } => {
             ModelError::io(format!("tier: {what} {}", path.display()), source)
         }
+        // Bytes that changed on disk are data that cannot be read: an I/O
+        // error of kind InvalidData, naming the file and the offset.
+        corrupt @ TierError::Corrupt { .. } => ModelError::io(
+            "tier: reading layer weights back",
+            std::io::Error::new(std::io::ErrorKind::InvalidData, corrupt.to_string()),
+        ),
         other => ModelError::InvalidInput(format!("tier manager: {other}")),
     }
 }
@@ -818,6 +824,57 @@ mod tests {
         let kept = s.resident_bytes;
         let reserve = layers.largest_image_bytes();
         assert!(kept > 0 && kept + reserve <= budget, "{}", s.summary());
+    }
+
+    #[test]
+    fn a_damaged_spill_file_fails_the_forward_pass_naming_it() {
+        let config = tiny_config();
+        let names = DecoderTensorNames::hugging_face("model", "lm_head.weight");
+        let shapes = decoder_tensor_shapes(&config, &names);
+        let src = random_weights(&shapes, DType::Bf16, 7).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tier = |cpu_ram: u64| TierConfig {
+            cpu_ram: ByteSize(cpu_ram),
+            spill_dir: Some(dir.path().to_path_buf()),
+            ..TierConfig::default()
+        };
+        let image = TieredLayers::build(&config, &src, &names, tier(u64::MAX))
+            .unwrap()
+            .image_bytes();
+        let (streamed, _layers) =
+            TieredLayers::load_decoder(config.clone(), &src, &names, tier(image / 2)).unwrap();
+        let spill = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "spill"))
+            .expect("a spill file");
+        let len = std::fs::metadata(&spill).unwrap().len() as usize;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&spill)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x5a; len], 0).unwrap();
+        f.sync_all().unwrap();
+        // Every layer has to come back from the damaged file at least once
+        // over a few steps: one of them fails the pass, none gives logits.
+        let mut cache = streamed.new_cache();
+        let mut failure = None;
+        for step in 0..4 {
+            let ids = [1u32, 5, 9];
+            let start = cache.len() as i64;
+            let pos: Vec<[i64; 3]> = (0..3).map(|i| [start + i; 3]).collect();
+            let hidden = streamed.embed(&ids).unwrap();
+            match streamed.forward(&mut cache, hidden, &ids, &pos, None, Logits::Last) {
+                Ok(_) => assert!(step < 3, "the damaged spill file was never read"),
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let failure = failure.expect("a damaged spill file gave logits");
+        assert!(failure.contains("checksum mismatch"), "{failure}");
+        assert!(failure.contains(&spill.display().to_string()), "{failure}");
     }
 
     #[test]

@@ -19,6 +19,18 @@ pub enum TierError {
         #[source]
         source: std::io::Error,
     },
+    /// Bytes read back from the spill file are not the bytes written there.
+    #[error("corrupt spill file {path} at offset {offset} ({len} bytes): {reason}")]
+    Corrupt {
+        /// The spill file.
+        path: PathBuf,
+        /// Where the extent starts.
+        offset: u64,
+        /// Bytes read.
+        len: u64,
+        /// What did not match.
+        reason: String,
+    },
     /// A RAM buffer for a read could not be allocated.
     #[error("cannot allocate a {0}-byte read buffer")]
     OutOfMemory(u64),

@@ -1,15 +1,18 @@
 //! The SSD tier: one spill file of immutable extents, read with positioned
 //! reads (`pread`) into owned buffers, with direct I/O (`O_DIRECT`) where
-//! the file system takes it.
+//! the file system takes it. Every extent's XXH3-64 is kept in RAM when it
+//! is written and checked on every read: bytes that changed on the disk
+//! (a damaged file, something else writing it) are an error, never data.
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Result, TierError};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// A byte range of the spill file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub struct SpillFile {
     file: File,
     path: PathBuf,
     free: Mutex<SpaceMap>,
+    /// Offset of each written extent -> its length and XXH3-64.
+    sums: Mutex<HashMap<u64, (u64, u64)>>,
     dirty: AtomicBool,
     drop_page_cache: bool,
     bytes_written: AtomicU64,
@@ -74,6 +79,7 @@ impl SpillFile {
             file,
             path,
             free: Mutex::new(SpaceMap::default()),
+            sums: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             drop_page_cache,
             bytes_written: AtomicU64::new(0),
@@ -121,10 +127,42 @@ impl SpillFile {
         self.bytes_written.load(Ordering::Relaxed)
     }
 
-    fn space(&self) -> std::sync::MutexGuard<'_, SpaceMap> {
+    fn space(&self) -> MutexGuard<'_, SpaceMap> {
         // A panic while holding this lock leaves the map consistent (every
         // update is a single push, remove or assignment), so poison is ignored.
         self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sums(&self) -> MutexGuard<'_, HashMap<u64, (u64, u64)>> {
+        // Single inserts and removes: poison leaves the map consistent.
+        self.sums.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks bytes read from `offset` against what was written there.
+    fn verify(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let written = self.sums().get(&offset).copied();
+        let got = xxhash_rust::xxh3::xxh3_64(data);
+        match written {
+            Some((len, sum)) if len == data.len() as u64 && sum == got => Ok(()),
+            Some((len, sum)) => Err(TierError::Corrupt {
+                path: self.path.clone(),
+                offset,
+                len: data.len() as u64,
+                reason: if len == data.len() as u64 {
+                    format!(
+                        "checksum mismatch: written with XXH3 {sum:016x}, the bytes read give {got:016x}"
+                    )
+                } else {
+                    format!("{len} bytes were written there, not {}", data.len())
+                },
+            }),
+            None => Err(TierError::Corrupt {
+                path: self.path.clone(),
+                offset,
+                len: data.len() as u64,
+                reason: "nothing was written there".to_string(),
+            }),
+        }
     }
 
     /// Reserves an extent of `len` bytes, failing when the file would pass `limit` (0: none).
@@ -159,6 +197,7 @@ impl SpillFile {
 
     /// Returns an extent's space for reuse, merging neighbouring holes.
     pub fn release(&self, extent: Extent) {
+        self.sums().remove(&extent.offset);
         let rounded = extent.len.div_ceil(ALIGN).max(1) * ALIGN;
         let mut space = self.space();
         let mut hole = Extent {
@@ -186,8 +225,11 @@ impl SpillFile {
         }
     }
 
-    /// Writes `data` at `extent`.
+    /// Writes `data` at `extent` (the whole extent: reads check it whole).
     pub fn write(&self, extent: Extent, data: &[u8]) -> Result<()> {
+        // Forgotten first: a failed write leaves no checksum that the bytes
+        // on disk could match by chance.
+        self.sums().remove(&extent.offset);
         self.file.write_all_at(data, extent.offset).map_err(|e| {
             self.io_error(
                 format!("writing {} bytes at {} of", data.len(), extent.offset),
@@ -197,6 +239,8 @@ impl SpillFile {
         self.dirty.store(true, Ordering::Release);
         self.bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let sum = xxhash_rust::xxh3::xxh3_64(data);
+        self.sums().insert(extent.offset, (data.len() as u64, sum));
         Ok(())
     }
 
@@ -214,7 +258,8 @@ impl SpillFile {
         Ok(())
     }
 
-    /// Reads `extent` into `out` (exactly `extent.len` bytes).
+    /// Reads `extent` into `out` (exactly `extent.len` bytes) and checks
+    /// them against what was written ([`TierError::Corrupt`] otherwise).
     pub fn read_into(&self, extent: Extent, out: &mut [u8]) -> Result<()> {
         if self.dirty.load(Ordering::Acquire) {
             self.flush()?;
@@ -228,7 +273,7 @@ impl SpillFile {
         if self.drop_page_cache {
             self.drop_cached(extent.offset, extent.len);
         }
-        Ok(())
+        self.verify(extent.offset, out)
     }
 
     /// Reads `extent` into `buf` (its length set to `extent.len`): a
@@ -244,7 +289,7 @@ impl SpillFile {
             }
             let want = len.next_multiple_of(ALIGN as usize).min(buf.capacity());
             match read_whole_pages(direct, &mut buf.whole_mut()[..want], extent.offset, len) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return self.verify(extent.offset, buf),
                 // The file system does not take direct reads after all:
                 // buffered reads from now on.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -409,5 +454,46 @@ mod tests {
         let path = f.path().to_path_buf();
         drop(f);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn bytes_changed_on_disk_are_an_error_on_every_read_path() {
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [false, true] {
+            let mut f = SpillFile::create(dir.path(), true).unwrap();
+            if direct && !f.use_direct_io() {
+                continue; // tmpfs: buffered only, checked above
+            }
+            let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
+            let a = f.allocate(data.len() as u64, 0).unwrap();
+            f.write(a, &data).unwrap();
+            f.flush().unwrap();
+            let mut buf = AlignedBuf::zeroed(data.len()).unwrap();
+            f.read_into_buf(a, &mut buf).unwrap();
+            assert_eq!(&buf[..], &data[..]);
+            // Something else writes one byte of the file.
+            let other = std::fs::OpenOptions::new()
+                .write(true)
+                .open(f.path())
+                .unwrap();
+            other
+                .write_all_at(&[data[1234] ^ 0xff], a.offset + 1234)
+                .unwrap();
+            other.sync_all().unwrap();
+            let err = f.read_into_buf(a, &mut buf).unwrap_err().to_string();
+            assert!(err.contains("checksum mismatch"), "{err}");
+            assert!(err.contains(&f.path().display().to_string()), "{err}");
+            let mut out = vec![0u8; data.len()];
+            let err = f.read_into(a, &mut out).unwrap_err().to_string();
+            assert!(err.contains("checksum mismatch"), "{err}");
+            // Rewritten, the extent reads back again; released, nothing of
+            // it is taken for data.
+            f.write(a, &data).unwrap();
+            f.read_into(a, &mut out).unwrap();
+            assert_eq!(out, data);
+            f.release(a);
+            let err = f.read_into(a, &mut out).unwrap_err().to_string();
+            assert!(err.contains("nothing was written there"), "{err}");
+        }
     }
 }
