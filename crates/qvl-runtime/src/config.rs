@@ -127,11 +127,14 @@ pub enum CachePolicy {
 pub struct CachingConfig {
     /// Off: blocks are recomputed or fetched on every miss.
     pub enabled: bool,
-    /// L1 capacity, GPU memory.
+    /// L1 capacity, GPU memory (not used by `qvl run` in this build: no
+    /// CUDA store).
     pub gpu_cache_size: ByteSize,
-    /// L2 capacity, host RAM.
+    /// L2 capacity, host RAM: what holds prefix blocks in `qvl run`.
     pub cpu_cache_size: ByteSize,
-    /// L3 capacity, SSD.
+    /// L3 capacity, SSD (not used by `qvl run` yet: its prefix cache has no
+    /// SSD level; `qvl cache replay --tiers` and `TieredCache::from_config`
+    /// use it).
     pub ssd_cache_size: ByteSize,
     /// How each level picks victims.
     pub eviction_policy: CachePolicy,

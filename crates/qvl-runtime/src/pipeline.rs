@@ -748,9 +748,8 @@ impl Pipeline {
                     .to_string(),
             ));
         }
-        // The host level; the GPU level needs the CUDA store (not built here),
-        // and prefix blocks are cheaper to recompute than to read from SSD
-        // for the models qvl runs on the CPU.
+        // The host level only: the GPU level needs the CUDA store (not
+        // built here), and no SSD store is wired into the prefix cache yet.
         let cache = TieredCache::from_config(&cfg, None, None);
         let tiers = cache.tiers();
         self.cache = Some(PrefixCache {
