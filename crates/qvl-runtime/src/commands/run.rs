@@ -276,6 +276,9 @@ struct PrefillProgress {
     what: &'static str,
     started: Instant,
     last_line: Instant,
+    /// Tokens done and when, at the previous report: the latest chunk's
+    /// rate predicts the rest best (later chunks attend over more tokens).
+    last_report: (usize, Instant),
     terminal: bool,
     shown: bool,
 }
@@ -287,6 +290,7 @@ impl PrefillProgress {
             what,
             started: now,
             last_line: now,
+            last_report: (0, now),
             terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             shown: false,
         }
@@ -296,12 +300,14 @@ impl PrefillProgress {
         if done >= total {
             return;
         }
-        let secs = self.started.elapsed().as_secs_f64();
+        let now = Instant::now();
+        let (before, then) = std::mem::replace(&mut self.last_report, (done, now));
+        let recent = done.saturating_sub(before) as f64 / (now - then).as_secs_f64().max(1e-9);
         let line = format!(
-            "{} {done}/{total} tokens, {:.0} tokens/s, {:.0} s left",
+            "{} {done}/{total} tokens, {:.0} tokens/s, about {:.0} s left",
             self.what,
-            done as f64 / secs.max(1e-9),
-            secs / done.max(1) as f64 * (total - done) as f64
+            done as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+            (total - done) as f64 / recent.max(1e-9)
         );
         if self.terminal {
             eprint!("\r\x1b[2K{line}");
