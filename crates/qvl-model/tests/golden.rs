@@ -1,7 +1,25 @@
 //! The Qwen3-VL golden cases computed with Hugging Face transformers.
 
 use qvl_model::golden::check_qwen3vl;
+use qvl_model::{ImageInput, Qwen3VlModel, SafetensorsFile};
 use std::path::Path;
+
+/// The tiny checkpoint and the 64x96 test image, preprocessed.
+fn tiny_model_and_image() -> qvl_model::Result<(Qwen3VlModel, ImageInput)> {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny"))?;
+    let images = SafetensorsFile::open(&data.join("images/images.safetensors"))?;
+    let grid = images
+        .expect_tensor("exact_64x96.image_grid_thw")?
+        .to_i64_vec()?;
+    let input = ImageInput {
+        pixel_values: images
+            .expect_tensor("exact_64x96.pixel_values")?
+            .to_f32_vec()?,
+        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
+    };
+    Ok((model, input))
+}
 
 #[test]
 fn every_golden_case_matches_transformers() {
@@ -22,23 +40,8 @@ fn every_golden_case_matches_transformers() {
 
 #[test]
 fn a_preprocessed_image_runs_through_the_tiny_model() {
-    use qvl_model::{generate, ImageInput, Logits, Qwen3VlModel, SafetensorsFile};
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny")).unwrap();
-    let images = SafetensorsFile::open(&data.join("images/images.safetensors")).unwrap();
-    let grid = images
-        .expect_tensor("exact_64x96.image_grid_thw")
-        .unwrap()
-        .to_i64_vec()
-        .unwrap();
-    let input = ImageInput {
-        pixel_values: images
-            .expect_tensor("exact_64x96.pixel_values")
-            .unwrap()
-            .to_f32_vec()
-            .unwrap(),
-        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
-    };
+    use qvl_model::{generate, Logits};
+    let (model, input) = tiny_model_and_image().unwrap();
     let mut prompt = vec![10, 11];
     prompt.extend(model.image_placeholder(input.grid_thw[0]));
     prompt.extend([12, 13]);
@@ -75,23 +78,8 @@ fn a_preprocessed_image_runs_through_the_tiny_model() {
 /// generated so far gives the logits that decoding them one by one gave.
 #[test]
 fn one_prefill_of_a_prompt_and_its_reply_equals_decoding_the_reply() {
-    use qvl_model::{generate, ImageInput, Logits, Qwen3VlModel, SafetensorsFile};
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny")).unwrap();
-    let images = SafetensorsFile::open(&data.join("images/images.safetensors")).unwrap();
-    let grid = images
-        .expect_tensor("exact_64x96.image_grid_thw")
-        .unwrap()
-        .to_i64_vec()
-        .unwrap();
-    let input = ImageInput {
-        pixel_values: images
-            .expect_tensor("exact_64x96.pixel_values")
-            .unwrap()
-            .to_f32_vec()
-            .unwrap(),
-        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
-    };
+    use qvl_model::{generate, Logits};
+    let (model, input) = tiny_model_and_image().unwrap();
     let mut prompt = vec![10, 11];
     prompt.extend(model.image_placeholder(input.grid_thw[0]));
     prompt.extend([12, 13]);
@@ -125,23 +113,8 @@ fn one_prefill_of_a_prompt_and_its_reply_equals_decoding_the_reply() {
 /// hears every chunk, ending at the whole prompt.
 #[test]
 fn a_prefill_in_chunks_with_progress_equals_one_pass() {
-    use qvl_model::{ImageInput, Logits, Qwen3VlModel, SafetensorsFile};
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny")).unwrap();
-    let images = SafetensorsFile::open(&data.join("images/images.safetensors")).unwrap();
-    let grid = images
-        .expect_tensor("exact_64x96.image_grid_thw")
-        .unwrap()
-        .to_i64_vec()
-        .unwrap();
-    let input = ImageInput {
-        pixel_values: images
-            .expect_tensor("exact_64x96.pixel_values")
-            .unwrap()
-            .to_f32_vec()
-            .unwrap(),
-        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
-    };
+    use qvl_model::Logits;
+    let (model, input) = tiny_model_and_image().unwrap();
     let mut prompt = vec![10, 11];
     prompt.extend(model.image_placeholder(input.grid_thw[0]));
     prompt.extend([12, 13, 14, 15, 16]);

@@ -749,26 +749,55 @@ mod tests {
         }
     }
 
+    /// The tiny decoder's random weights, a spill directory, and the bytes
+    /// its layers take on the tier.
+    struct TinySetup {
+        config: DecoderConfig,
+        names: DecoderTensorNames,
+        src: qvl_model::MemoryWeights,
+        dir: tempfile::TempDir,
+        image: u64,
+    }
+
+    impl TinySetup {
+        fn new() -> TinySetup {
+            let config = tiny_config();
+            let names = DecoderTensorNames::hugging_face("model", "lm_head.weight");
+            let shapes = decoder_tensor_shapes(&config, &names);
+            let src = random_weights(&shapes, DType::Bf16, 7).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = TinySetup {
+                config,
+                names,
+                src,
+                dir,
+                image: 0,
+            };
+            s.image = TieredLayers::build(&s.config, &s.src, &s.names, s.tier(u64::MAX))
+                .unwrap()
+                .image_bytes();
+            s
+        }
+
+        fn tier(&self, cpu_ram: u64) -> TierConfig {
+            TierConfig {
+                cpu_ram: ByteSize(cpu_ram),
+                spill_dir: Some(self.dir.path().to_path_buf()),
+                ..TierConfig::default()
+            }
+        }
+    }
+
     #[test]
     fn budgeted_decoding_equals_resident_logits_exactly() {
-        let config = tiny_config();
-        let names = DecoderTensorNames::hugging_face("model", "lm_head.weight");
-        let shapes = decoder_tensor_shapes(&config, &names);
-        let src = random_weights(&shapes, DType::Bf16, 7).unwrap();
-        let resident = TextDecoder::load(config.clone(), &src, &names).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let tier = |cpu_ram: u64| TierConfig {
-            cpu_ram: ByteSize(cpu_ram),
-            spill_dir: Some(dir.path().to_path_buf()),
-            ..TierConfig::default()
-        };
-        let image = TieredLayers::build(&config, &src, &names, tier(u64::MAX))
-            .unwrap()
-            .image_bytes();
+        let t = TinySetup::new();
+        let (config, names, src, image) = (&t.config, &t.names, &t.src, t.image);
+        let tier = |cpu_ram| t.tier(cpu_ram);
+        let resident = TextDecoder::load(config.clone(), src, names).unwrap();
         // Half the layers: one kept copy, the layer in use and one read ahead.
         let budget = image / 2;
         let (streamed, layers) =
-            TieredLayers::load_decoder(config.clone(), &src, &names, tier(budget)).unwrap();
+            TieredLayers::load_decoder(config.clone(), src, names, tier(budget)).unwrap();
         assert!(streamed.is_streamed());
         let mut a = resident.new_cache();
         let mut b = streamed.new_cache();
@@ -828,22 +857,11 @@ mod tests {
 
     #[test]
     fn a_damaged_spill_file_fails_the_forward_pass_naming_it() {
-        let config = tiny_config();
-        let names = DecoderTensorNames::hugging_face("model", "lm_head.weight");
-        let shapes = decoder_tensor_shapes(&config, &names);
-        let src = random_weights(&shapes, DType::Bf16, 7).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let tier = |cpu_ram: u64| TierConfig {
-            cpu_ram: ByteSize(cpu_ram),
-            spill_dir: Some(dir.path().to_path_buf()),
-            ..TierConfig::default()
-        };
-        let image = TieredLayers::build(&config, &src, &names, tier(u64::MAX))
-            .unwrap()
-            .image_bytes();
+        let t = TinySetup::new();
         let (streamed, _layers) =
-            TieredLayers::load_decoder(config.clone(), &src, &names, tier(image / 2)).unwrap();
-        let spill = std::fs::read_dir(dir.path())
+            TieredLayers::load_decoder(t.config.clone(), &t.src, &t.names, t.tier(t.image / 2))
+                .unwrap();
+        let spill = std::fs::read_dir(t.dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| p.extension().is_some_and(|x| x == "spill"))

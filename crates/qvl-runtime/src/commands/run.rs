@@ -327,6 +327,20 @@ impl PrefillProgress {
     }
 }
 
+/// Runs `prefill` (given the chunk size and a progress callback) with
+/// progress on stderr as `what`.
+fn with_progress(
+    what: &'static str,
+    prefill: impl FnOnce(usize, &mut dyn FnMut(usize, usize)) -> qvl_model::Result<Vec<f32>>,
+) -> qvl_model::Result<Vec<f32>> {
+    let mut progress = PrefillProgress::new(what);
+    let out = prefill(PROGRESS_CHUNK_TOKENS, &mut |done, total| {
+        progress.report(done, total)
+    });
+    progress.finish();
+    out
+}
+
 /// One request's model calls, as the request loop needs them.
 trait RequestRun {
     /// The first prefill: the prompt after the `reused` tokens the prefix
@@ -449,16 +463,15 @@ struct GgufRequest<'a> {
 
 impl RequestRun for GgufRequest<'_> {
     fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
-        let mut progress = PrefillProgress::new("prefill");
-        let out = self.model.prefill_with_progress(
-            &mut self.session,
-            &self.ids[reused..],
-            Logits::Last,
-            PROGRESS_CHUNK_TOKENS,
-            &mut |done, total| progress.report(done, total),
-        );
-        progress.finish();
-        out
+        with_progress("prefill", |chunk, progress| {
+            self.model.prefill_with_progress(
+                &mut self.session,
+                &self.ids[reused..],
+                Logits::Last,
+                chunk,
+                progress,
+            )
+        })
     }
 
     fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
@@ -468,16 +481,10 @@ impl RequestRun for GgufRequest<'_> {
     fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>> {
         self.session = TextSession { cache };
         let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
-        let mut progress = PrefillProgress::new("recompute");
-        let out = self.model.prefill_with_progress(
-            &mut self.session,
-            &all,
-            Logits::Last,
-            PROGRESS_CHUNK_TOKENS,
-            &mut |done, total| progress.report(done, total),
-        );
-        progress.finish();
-        out
+        with_progress("recompute", |chunk, progress| {
+            self.model
+                .prefill_with_progress(&mut self.session, &all, Logits::Last, chunk, progress)
+        })
     }
 
     fn cache(&self) -> &PagedKvCache {
@@ -495,17 +502,16 @@ struct VlRequest<'a> {
 
 impl RequestRun for VlRequest<'_> {
     fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
-        let mut progress = PrefillProgress::new("prefill");
-        let out = self.model.prefill_with_progress(
-            &mut self.session,
-            &self.ids[reused..],
-            self.images,
-            Logits::Last,
-            PROGRESS_CHUNK_TOKENS,
-            &mut |done, total| progress.report(done, total),
-        );
-        progress.finish();
-        out
+        with_progress("prefill", |chunk, progress| {
+            self.model.prefill_with_progress(
+                &mut self.session,
+                &self.ids[reused..],
+                self.images,
+                Logits::Last,
+                chunk,
+                progress,
+            )
+        })
     }
 
     fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
@@ -516,17 +522,16 @@ impl RequestRun for VlRequest<'_> {
         self.session = self.model.new_session();
         self.session.cache = cache;
         let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
-        let mut progress = PrefillProgress::new("recompute");
-        let out = self.model.prefill_with_progress(
-            &mut self.session,
-            &all,
-            self.images,
-            Logits::Last,
-            PROGRESS_CHUNK_TOKENS,
-            &mut |done, total| progress.report(done, total),
-        );
-        progress.finish();
-        out
+        with_progress("recompute", |chunk, progress| {
+            self.model.prefill_with_progress(
+                &mut self.session,
+                &all,
+                self.images,
+                Logits::Last,
+                chunk,
+                progress,
+            )
+        })
     }
 
     fn cache(&self) -> &PagedKvCache {
