@@ -22,6 +22,7 @@ use crate::BenchOptions;
 use anyhow::{Context, Result};
 use qvl_core::bench::{BenchReport, Criterion};
 use qvl_core::{ByteSize, NoopRecorder};
+use qvl_model::golden::preprocessed_images;
 use qvl_model::kv::DEFAULT_BLOCK_TOKENS;
 use qvl_model::llama::{GgufTextModel, TextSession};
 use qvl_model::ops::argmax;
@@ -365,16 +366,8 @@ fn compare<M: Model>(
 }
 
 fn qwen3vl_requests(model: &Qwen3VlModel, data: &Path) -> Result<Vec<Request>> {
-    let images = SafetensorsFile::open(&data.join("images/images.safetensors"))?;
-    let grid = images
-        .expect_tensor("exact_64x96.image_grid_thw")?
-        .to_i64_vec()?;
-    let input = ImageInput {
-        pixel_values: images
-            .expect_tensor("exact_64x96.pixel_values")?
-            .to_f32_vec()?,
-        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
-    };
+    let path = data.join("images/images.safetensors");
+    let input = preprocessed_images(&SafetensorsFile::open(&path)?, &path, "exact_64x96")?;
     // A 36-token shared text prefix (two full blocks of 16 to reuse), the
     // image, then a tail of its own per request.
     let prefix: Vec<u32> = (0..36).map(|i| 20 + (i * 7) % 400).collect();

@@ -38,6 +38,30 @@ pub fn check_qwen3vl(model_dir: &Path, golden_file: &Path) -> Result<Vec<CaseOut
     check_model(&model, golden_file)
 }
 
+/// The preprocessed images of `name` in a safetensors file the golden
+/// scripts wrote (`{name}.pixel_values` and `{name}.image_grid_thw`, the
+/// Hugging Face image processor's output); `path` names the file in errors.
+pub fn preprocessed_images(file: &SafetensorsFile, path: &Path, name: &str) -> Result<ImageInput> {
+    let grids = file
+        .expect_tensor(&format!("{name}.image_grid_thw"))?
+        .to_i64_vec()?;
+    if grids.is_empty() || grids.len() % 3 != 0 || grids.iter().any(|&g| g <= 0) {
+        return Err(ModelError::BadGolden {
+            path: path.to_path_buf(),
+            reason: format!("{name}: image_grid_thw {grids:?} is not n x 3 positive"),
+        });
+    }
+    Ok(ImageInput {
+        pixel_values: file
+            .expect_tensor(&format!("{name}.pixel_values"))?
+            .to_f32_vec()?,
+        grid_thw: grids
+            .chunks_exact(3)
+            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+            .collect(),
+    })
+}
+
 /// [`check_qwen3vl`] with a model already loaded.
 pub fn check_model(model: &Qwen3VlModel, golden_file: &Path) -> Result<Vec<CaseOutcome>> {
     let bad = |reason: String| ModelError::BadGolden {
@@ -79,23 +103,7 @@ pub fn check_model(model: &Qwen3VlModel, golden_file: &Path) -> Result<Vec<CaseO
         }
         let expected_logits = expected_logits.to_f32_vec()?;
         let images = match file.get(&format!("{name}.pixel_values")) {
-            Some(pv) => {
-                let grids = file
-                    .expect_tensor(&format!("{name}.image_grid_thw"))?
-                    .to_i64_vec()?;
-                if grids.len() % 3 != 0 || grids.iter().any(|&g| g <= 0) {
-                    return Err(bad(format!(
-                        "case {name}: image_grid_thw {grids:?} is not n x 3 positive"
-                    )));
-                }
-                Some(ImageInput {
-                    pixel_values: pv.to_f32_vec()?,
-                    grid_thw: grids
-                        .chunks_exact(3)
-                        .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
-                        .collect(),
-                })
-            }
+            Some(_) => Some(preprocessed_images(&file, golden_file, name)?),
             None => None,
         };
         let expected_greedy: Vec<u32> = case

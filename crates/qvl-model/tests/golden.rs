@@ -1,6 +1,6 @@
 //! The Qwen3-VL golden cases computed with Hugging Face transformers.
 
-use qvl_model::golden::check_qwen3vl;
+use qvl_model::golden::{check_qwen3vl, preprocessed_images};
 use qvl_model::{ImageInput, Qwen3VlModel, SafetensorsFile};
 use std::path::Path;
 
@@ -8,16 +8,8 @@ use std::path::Path;
 fn tiny_model_and_image() -> qvl_model::Result<(Qwen3VlModel, ImageInput)> {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let model = Qwen3VlModel::load(&data.join("qwen3vl-tiny"))?;
-    let images = SafetensorsFile::open(&data.join("images/images.safetensors"))?;
-    let grid = images
-        .expect_tensor("exact_64x96.image_grid_thw")?
-        .to_i64_vec()?;
-    let input = ImageInput {
-        pixel_values: images
-            .expect_tensor("exact_64x96.pixel_values")?
-            .to_f32_vec()?,
-        grid_thw: vec![[grid[0] as usize, grid[1] as usize, grid[2] as usize]],
-    };
+    let path = data.join("images/images.safetensors");
+    let input = preprocessed_images(&SafetensorsFile::open(&path)?, &path, "exact_64x96")?;
     Ok((model, input))
 }
 
