@@ -345,8 +345,16 @@ impl Drop for IoEngine {
         lock(&self.shared.queue).1 = true;
         self.shared.queue_cv.notify_all();
         self.shared.gate_cv.notify_all();
+        let me = std::thread::current().id();
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            // A job may hold the last reference to whatever owns the engine
+            // (a store dropped while its prefetch ran): the engine is then
+            // dropped on one of its own workers, which cannot join itself
+            // (std panics on EDEADLK). That worker leaves its loop by
+            // itself once the queue is empty (it holds `shared`).
+            if w.thread().id() != me {
+                let _ = w.join();
+            }
         }
     }
 }
@@ -440,5 +448,47 @@ mod tests {
             Ticket { rx }.wait(),
             Err(SwapError::EngineStopped)
         ));
+    }
+
+    #[test]
+    fn an_engine_dropped_by_its_own_job_stops_without_a_panic() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Once;
+        // Panics of the engine's threads, counted by a hook that then
+        // prints as the default one does (other tests are not affected).
+        static IO_PANICS: AtomicUsize = AtomicUsize::new(0);
+        static HOOK: Once = Once::new();
+        HOOK.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if std::thread::current()
+                    .name()
+                    .is_some_and(|n| n.starts_with("qvl-swap-io"))
+                {
+                    IO_PANICS.fetch_add(1, Ordering::SeqCst);
+                }
+                default(info);
+            }));
+        });
+        for _ in 0..20 {
+            let engine = Arc::new(IoEngine::start(2, Duration::from_secs(10)).unwrap());
+            let (go_tx, go_rx) = sync_channel::<()>(0);
+            let (done_tx, done_rx) = sync_channel::<()>(1);
+            let held = Arc::clone(&engine);
+            // Dropped when the job has run, on the worker: the last
+            // reference once the caller's is gone.
+            let _ticket = engine.submit(false, move |_| {
+                let _ = go_rx.recv();
+                let _keep = held;
+                let _ = done_tx.send(());
+                Ok(())
+            });
+            drop(engine);
+            go_tx.send(()).unwrap();
+            done_rx.recv().unwrap();
+            // Let the worker finish dropping the engine.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(IO_PANICS.load(Ordering::SeqCst), 0);
     }
 }
