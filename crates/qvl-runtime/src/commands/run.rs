@@ -327,35 +327,40 @@ impl PrefillProgress {
     }
 }
 
-/// Runs `prefill` (given the chunk size and a progress callback) with
-/// progress on stderr as `what`.
-fn with_progress(
+/// One request's model calls, as the request loop needs them.
+trait RequestRun {
+    /// Appends `ids` to the session in one prefill, in chunks of
+    /// `chunk_tokens` with `progress` hearing each; returns the last logits.
+    fn append(
+        &mut self,
+        ids: &[u32],
+        chunk_tokens: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> qvl_model::Result<Vec<f32>>;
+    /// One decode step: appends `token`, returns its logits.
+    fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>>;
+    /// Starts a fresh session over `cache` (empty).
+    fn restart(&mut self, cache: PagedKvCache);
+    /// The session's KV cache.
+    fn cache(&self) -> &PagedKvCache;
+}
+
+/// Appends `ids` to the request's session with progress on stderr as `what`.
+fn append_with_progress(
+    request: &mut dyn RequestRun,
+    ids: &[u32],
     what: &'static str,
-    prefill: impl FnOnce(usize, &mut dyn FnMut(usize, usize)) -> qvl_model::Result<Vec<f32>>,
 ) -> qvl_model::Result<Vec<f32>> {
     let mut progress = PrefillProgress::new(what);
-    let out = prefill(PROGRESS_CHUNK_TOKENS, &mut |done, total| {
+    let out = request.append(ids, PROGRESS_CHUNK_TOKENS, &mut |done, total| {
         progress.report(done, total)
     });
     progress.finish();
     out
 }
 
-/// One request's model calls, as the request loop needs them.
-trait RequestRun {
-    /// The first prefill: the prompt after the `reused` tokens the prefix
-    /// cache imported into the session.
-    fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>>;
-    /// One decode step: appends `token`, returns its logits.
-    fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>>;
-    /// Starts the request again in `cache`: the whole prompt and then
-    /// `generated`, in one prefill; returns the last logits.
-    fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>>;
-    /// The session's KV cache.
-    fn cache(&self) -> &PagedKvCache;
-}
-
-/// Recovers from `error` of a prefill or decode step: when the request's
+/// Recovers from `error` of a prefill or decode step of the request for
+/// `prompt` that has generated `generated`: when the request's
 /// KV storage failed (see [`Pipeline::recover_kv`]), its manager is
 /// switched off and the request is recomputed on the path that remains,
 /// so the reply goes on where it was; any other error is the request's.
@@ -363,6 +368,7 @@ fn recover(
     error: qvl_model::ModelError,
     pipeline: &mut Pipeline,
     request: &mut dyn RequestRun,
+    prompt: &[u32],
     generated: &[u32],
     stats: &mut RunStats,
 ) -> Result<Vec<f32>> {
@@ -379,7 +385,9 @@ fn recover(
             generated.len()
         );
         let t = Instant::now();
-        match request.recompute(cache, generated) {
+        request.restart(cache);
+        let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+        match append_with_progress(request, &all, "recompute") {
             Ok(logits) => {
                 stats.recompute_secs += t.elapsed().as_secs_f64();
                 stats.recomputed_tokens += request.cache().len();
@@ -390,13 +398,13 @@ fn recover(
     }
 }
 
-/// One request: the prefix cache's import (already in the session), the
-/// prefill, then greedy decoding that streams each token to stdout, times
-/// every decode step for the pipeline and stops at a stop token or
-/// `max_tokens`. A failed KV storage is recovered from (see [`recover`]).
+/// One request: prefills its prompt past the `reused` tokens the prefix
+/// cache imported into the session, then decodes greedily, streaming each
+/// token to stdout, timing every step for the pipeline, until a stop token
+/// or `max_tokens`. A failed KV storage is recovered from (see [`recover`]).
 fn serve_request(
     request: &mut dyn RequestRun,
-    reused: usize,
+    (prompt, reused): (&[u32], usize),
     stops: &[u32],
     setup: &PipelineSetup<'_>,
     pipeline: &mut Pipeline,
@@ -404,11 +412,11 @@ fn serve_request(
     stats: &mut RunStats,
 ) -> Result<()> {
     let t = Instant::now();
-    let first = request.prefill(reused);
+    let first = append_with_progress(request, &prompt[reused..], "prefill");
     stats.prefill_secs += t.elapsed().as_secs_f64();
     let mut logits = match first {
         Ok(logits) => logits,
-        Err(e) => recover(e, pipeline, request, &[], stats)?,
+        Err(e) => recover(e, pipeline, request, prompt, &[], stats)?,
     };
     let (max_tokens, recorder) = (setup.max_tokens, setup.recorder.as_ref());
     let mut out = std::io::stdout().lock();
@@ -437,7 +445,7 @@ fn serve_request(
             Ok(logits) => logits,
             Err(e) => {
                 // Not a decode step: the recomputation is timed apart.
-                logits = recover(e, pipeline, request, &generated, stats)?;
+                logits = recover(e, pipeline, request, prompt, &generated, stats)?;
                 continue;
             }
         };
@@ -458,33 +466,30 @@ fn serve_request(
 struct GgufRequest<'a> {
     model: &'a GgufTextModel,
     session: TextSession,
-    ids: &'a [u32],
 }
 
 impl RequestRun for GgufRequest<'_> {
-    fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
-        with_progress("prefill", |chunk, progress| {
-            self.model.prefill_with_progress(
-                &mut self.session,
-                &self.ids[reused..],
-                Logits::Last,
-                chunk,
-                progress,
-            )
-        })
+    fn append(
+        &mut self,
+        ids: &[u32],
+        chunk_tokens: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> qvl_model::Result<Vec<f32>> {
+        self.model.prefill_with_progress(
+            &mut self.session,
+            ids,
+            Logits::Last,
+            chunk_tokens,
+            progress,
+        )
     }
 
     fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
         self.model.decode_step(&mut self.session, token)
     }
 
-    fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>> {
+    fn restart(&mut self, cache: PagedKvCache) {
         self.session = TextSession { cache };
-        let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
-        with_progress("recompute", |chunk, progress| {
-            self.model
-                .prefill_with_progress(&mut self.session, &all, Logits::Last, chunk, progress)
-        })
     }
 
     fn cache(&self) -> &PagedKvCache {
@@ -492,46 +497,37 @@ impl RequestRun for GgufRequest<'_> {
     }
 }
 
-/// A Qwen3-VL request: its ids (image placeholders included) and images.
+/// A Qwen3-VL request: the images its prompt's placeholders stand for.
 struct VlRequest<'a> {
     model: &'a Qwen3VlModel,
     session: qvl_model::qwen3vl::Session,
-    ids: &'a [u32],
     images: Option<&'a ImageInput>,
 }
 
 impl RequestRun for VlRequest<'_> {
-    fn prefill(&mut self, reused: usize) -> qvl_model::Result<Vec<f32>> {
-        with_progress("prefill", |chunk, progress| {
-            self.model.prefill_with_progress(
-                &mut self.session,
-                &self.ids[reused..],
-                self.images,
-                Logits::Last,
-                chunk,
-                progress,
-            )
-        })
+    fn append(
+        &mut self,
+        ids: &[u32],
+        chunk_tokens: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> qvl_model::Result<Vec<f32>> {
+        self.model.prefill_with_progress(
+            &mut self.session,
+            ids,
+            self.images,
+            Logits::Last,
+            chunk_tokens,
+            progress,
+        )
     }
 
     fn step(&mut self, token: u32) -> qvl_model::Result<Vec<f32>> {
         self.model.decode_step(&mut self.session, token)
     }
 
-    fn recompute(&mut self, cache: PagedKvCache, generated: &[u32]) -> qvl_model::Result<Vec<f32>> {
+    fn restart(&mut self, cache: PagedKvCache) {
         self.session = self.model.new_session();
         self.session.cache = cache;
-        let all: Vec<u32> = self.ids.iter().chain(generated).copied().collect();
-        with_progress("recompute", |chunk, progress| {
-            self.model.prefill_with_progress(
-                &mut self.session,
-                &all,
-                self.images,
-                Logits::Last,
-                chunk,
-                progress,
-            )
-        })
     }
 
     fn cache(&self) -> &PagedKvCache {
@@ -598,12 +594,11 @@ fn run_gguf(
         let mut request = GgufRequest {
             model: &model,
             session,
-            ids,
         };
         let mut decoder = model.tokenizer().stream_decoder();
         serve_request(
             &mut request,
-            reused,
+            (ids, reused),
             &stops,
             setup,
             &mut pipeline,
@@ -676,13 +671,12 @@ fn run_qwen3vl(
         let mut request = VlRequest {
             model: &model,
             session,
-            ids,
             images,
         };
         let mut decoder = tokenizer.stream_decoder();
         serve_request(
             &mut request,
-            reused,
+            (ids, reused),
             &stops,
             setup,
             &mut pipeline,
